@@ -1,0 +1,113 @@
+"""/models: models declared to the system (seed 003)."""
+
+from typing import Any
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+
+from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
+from api.errors import APIError, not_found
+from core.models import ModelRow, rfc3339, utcnow
+
+router = APIRouter(tags=["models"])
+
+
+class ModelIn(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+    model: str = Field(..., min_length=1, max_length=400)
+    can_chat: bool = Field(True, alias="canChat")
+    can_embed: bool = Field(False, alias="canEmbed")
+    can_prompt: bool = Field(True, alias="canPrompt")
+    can_stream: bool = Field(True, alias="canStream")
+    context_length: int = Field(0, alias="contextLength", ge=0)
+
+
+class ModelOut(BaseModel):
+    id: str
+    model: str
+    canChat: bool
+    canEmbed: bool
+    canPrompt: bool
+    canStream: bool
+    contextLength: int
+    createdAt: str
+    updatedAt: str
+
+
+def _out(row: ModelRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "model": row.model,
+        "canChat": row.can_chat,
+        "canEmbed": row.can_embed,
+        "canPrompt": row.can_prompt,
+        "canStream": row.can_stream,
+        "contextLength": row.context_length,
+        "createdAt": rfc3339(row.created_at),
+        "updatedAt": rfc3339(row.updated_at),
+    }
+
+
+@router.get("/models", response_model=list[ModelOut],
+            summary="Lists all registered models in internal format.")
+def list_models(
+    state: StateDep,
+    principal: PrincipalDep,
+    limit: str | None = None,
+    cursor: str | None = Query(None, description="RFC3339Nano createdAt of the last item."),
+) -> list[dict[str, Any]]:
+    after = parse_cursor(cursor)
+    query = select(ModelRow).where(ModelRow.tenant_id == principal.tenant_id)
+    if after is not None:
+        query = query.where(col(ModelRow.created_at) > after)
+    query = query.order_by(col(ModelRow.created_at)).limit(page_limit(limit))
+    with state.db.session() as session:
+        return [_out(row) for row in session.exec(query).all()]
+
+
+@router.post("/models", status_code=201, response_model=ModelOut,
+             summary="Declares a new model to the system.")
+def create_model(body: ModelIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+    row = ModelRow(tenant_id=principal.tenant_id, **body.model_dump(by_alias=False))
+    with state.db.session() as session:
+        session.add(row)
+        try:
+            session.commit()
+        except IntegrityError as err:
+            raise APIError(409, "already_exists", f"model {body.model!r} is already declared") from err
+    return _out(row)
+
+
+def _load(state: StateDep, tenant_id: str, model_id: str) -> ModelRow:
+    with state.db.session() as session:
+        row = session.get(ModelRow, model_id)
+    if row is None or row.tenant_id != tenant_id:
+        raise not_found("model", model_id)
+    return row
+
+
+@router.put("/models/{id}", response_model=ModelOut,
+            summary="Updates an existing model registration.")
+def update_model(id: str, body: ModelIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+    row = _load(state, principal.tenant_id, id)
+    if body.model != row.model:
+        raise APIError(422, "immutable_field", "a model's name cannot be changed", param="model")
+    for key, value in body.model_dump(by_alias=False).items():
+        setattr(row, key, value)
+    row.updated_at = utcnow()
+    with state.db.session() as session:
+        session.add(session.merge(row))
+        session.commit()
+    return _out(row)
+
+
+@router.delete("/models/{id}", summary="Deletes a model from the system registry.")
+def delete_model(id: str, state: StateDep, principal: PrincipalDep) -> str:
+    row = _load(state, principal.tenant_id, id)
+    with state.db.session() as session:
+        session.delete(session.merge(row))
+        session.commit()
+    return "model removed"

@@ -1,0 +1,208 @@
+"""Starting chain runs as workflows and reading them back."""
+
+import asyncio
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel import select
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.chains import chain_json, validate_chain
+from api.deps import AppState, Principal
+from api.errors import APIError, not_found
+from chains.spec import ChainDefinition
+from core.models import RunRow, TaskChainRow, rfc3339, utcnow
+from workflows.search import CHAIN_ID, RUN_KIND, TENANT_ID
+from workflows.types import ChainRunInput, RunOptions
+
+FINAL = {"completed", "failed", "cancelled"}
+
+
+class TaskExecutionRequest(BaseModel):
+    """seed 003 execapi_taskExecutionRequest, plus `chainId` to run a stored chain."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    chain: dict[str, Any] | None = Field(None, description="An inline chain definition.")
+    chain_id: str | None = Field(None, alias="chainId", description="Id of a stored chain.")
+    input: Any = None
+    input_type: str = Field("string", alias="inputType")
+
+
+class RunCreated(BaseModel):
+    id: str
+    workflow_id: str = Field(serialization_alias="workflowId")
+    status: str
+
+
+async def resolve_chain(
+    state: AppState, principal: Principal, body: TaskExecutionRequest
+) -> ChainDefinition:
+    if body.chain is not None and body.chain_id:
+        raise APIError(400, "ambiguous_chain", "send either `chain` or `chainId`, not both")
+    if body.chain is not None:
+        return validate_chain(body.chain)
+    if not body.chain_id:
+        raise APIError(
+            422,
+            "missing_chain",
+            "the request needs `chain` (a definition) or `chainId` (a stored chain)",
+            param="chain",
+        )
+
+    def load() -> dict[str, Any] | None:
+        with state.db.session() as session:
+            row = session.get(TaskChainRow, (principal.tenant_id, body.chain_id))
+            return row.definition if row else None
+
+    data = await asyncio.to_thread(load)
+    if data is None:
+        raise not_found("task chain", body.chain_id or "")
+    return validate_chain(data)
+
+
+async def start_run(
+    state: AppState, principal: Principal, chain: ChainDefinition, body: TaskExecutionRequest
+) -> tuple[RunRow, WorkflowHandle[Any, Any]]:
+    client = await state.temporal.get()
+    settings = state.settings
+    run = RunRow(
+        tenant_id=principal.tenant_id,
+        workflow_id=f"chain-{chain.id}-{uuid.uuid4()}",
+        chain_id=chain.id,
+    )
+    params = ChainRunInput(
+        chain=chain_json(chain),
+        input=body.input,
+        input_type=body.input_type,
+        tenant_id=principal.tenant_id,
+        options=RunOptions(
+            llm_max_attempts=settings.llm_max_attempts,
+            llm_timeout=settings.llm_timeout,
+            llm_heartbeat_timeout=settings.llm_heartbeat_timeout,
+        ),
+    )
+    handle = await client.start_workflow(
+        "ChainWorkflow",
+        params,
+        id=run.workflow_id,
+        task_queue=settings.task_queue,
+        search_attributes=TypedSearchAttributes(
+            [
+                SearchAttributePair(CHAIN_ID, chain.id),
+                SearchAttributePair(TENANT_ID, principal.tenant_id),
+                SearchAttributePair(RUN_KIND, "chain"),
+            ]
+        ),
+        static_summary=f"chain {chain.id}",
+    )
+    await asyncio.to_thread(_insert, state, run)
+    return run, handle
+
+
+def _insert(state: AppState, run: RunRow) -> None:
+    with state.db.session() as session:
+        session.add(run)
+        session.commit()
+
+
+def get_run_row(state: AppState, principal: Principal, run_id: str) -> RunRow:
+    with state.db.session() as session:
+        row = session.exec(
+            select(RunRow).where(RunRow.id == run_id, RunRow.tenant_id == principal.tenant_id)
+        ).first()
+    if row is None:
+        raise not_found("run", run_id)
+    return row
+
+
+def failure_view(err: WorkflowFailureError) -> tuple[str, str, list[dict[str, Any]]]:
+    """(status, message, state) of a run that did not complete."""
+    cause = err.cause
+    if isinstance(cause, CancelledError):
+        return "cancelled", "the run was cancelled", []
+    if isinstance(cause, TerminatedError):
+        return "failed", f"the run was terminated: {cause.message}", []
+    if isinstance(cause, ApplicationError):
+        state: list[dict[str, Any]] = []
+        if cause.details and isinstance(cause.details[0], dict):
+            state = list(cause.details[0].get("state") or [])
+        return "failed", cause.message, state
+    return "failed", str(cause or err), []
+
+
+_STATUS = {
+    WorkflowExecutionStatus.RUNNING: "running",
+    WorkflowExecutionStatus.COMPLETED: "completed",
+    WorkflowExecutionStatus.FAILED: "failed",
+    WorkflowExecutionStatus.CANCELED: "cancelled",
+    WorkflowExecutionStatus.TERMINATED: "failed",
+    WorkflowExecutionStatus.TIMED_OUT: "failed",
+    WorkflowExecutionStatus.CONTINUED_AS_NEW: "running",
+}
+
+
+async def run_view(state: AppState, client: Client, row: RunRow) -> dict[str, Any]:
+    handle = client.get_workflow_handle(row.workflow_id)
+    view: dict[str, Any] = {
+        "id": row.id,
+        "workflowId": row.workflow_id,
+        "chainId": row.chain_id,
+        "createdAt": rfc3339(row.created_at),
+        "status": row.status,
+        "output": None,
+        "outputType": None,
+        "state": [],
+        "error": None,
+        "currentTask": None,
+    }
+    try:
+        desc = await handle.describe(rpc_timeout=timedelta(seconds=10))
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            view["status"] = "failed"
+            view["error"] = "the workflow of this run no longer exists in Temporal (retention)"
+            return view
+        raise APIError(503, "temporal_unavailable", f"cannot read the run: {err.message}") from err
+    status = _STATUS.get(desc.status or WorkflowExecutionStatus.RUNNING, "running")
+    if status == "running":
+        try:
+            progress = await handle.query("progress", rpc_timeout=timedelta(seconds=5))
+            status = progress.get("status", "running")
+            view["state"] = progress.get("state", [])
+            view["currentTask"] = progress.get("currentTask") or None
+        except RPCError:
+            pass  # no worker is polling right now; the status alone is still right
+    elif status == "completed":
+        result = await handle.result(rpc_timeout=timedelta(seconds=10))
+        view.update(output=result["output"], outputType=result["outputType"], state=result["state"])
+    else:
+        try:
+            await handle.result(rpc_timeout=timedelta(seconds=10))
+        except WorkflowFailureError as err:
+            status, message, unit_state = failure_view(err)
+            view.update(error=message, state=unit_state)
+    view["status"] = status
+    if status in FINAL and row.status != status:
+        await asyncio.to_thread(_mark_final, state, row.id, status)
+    return view
+
+
+def _mark_final(state: AppState, run_id: str, status: str) -> None:
+    with state.db.session() as session:
+        row = session.get(RunRow, run_id)
+        if row is not None:
+            row.status = status
+            row.finished_at = utcnow()
+            session.add(row)
+            session.commit()

@@ -1,0 +1,44 @@
+"""Settings from the environment (pydantic-settings); one object shared by api/ and activities/."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path(".chainloom"), alias="CHAINLOOM_DATA_DIR")
+    database_url: str = Field("", alias="DATABASE_URL")
+    temporal_address: str = Field("localhost:7233", alias="TEMPORAL_ADDRESS")
+    temporal_namespace: str = Field("default", alias="TEMPORAL_NAMESPACE")
+    temporal_tls: bool = Field(False, alias="TEMPORAL_TLS")
+    temporal_api_key: str = Field("", alias="TEMPORAL_API_KEY")
+    task_queue: str = Field("chainloom", alias="CHAINLOOM_TASK_QUEUE")
+    api_key: str = Field("", alias="CHAINLOOM_API_KEY")
+    default_tenant: str = Field("default", alias="CHAINLOOM_DEFAULT_TENANT")
+    # Used by tasks whose execute_config names no model.
+    default_model: str = Field("", alias="CHAINLOOM_DEFAULT_MODEL")
+
+    # How long POST /tasks waits for a run before answering 202 with the run id.
+    tasks_wait_timeout: float = Field(600.0, alias="CHAINLOOM_TASKS_WAIT_TIMEOUT")
+    # Transient LLM failures (lost worker, network, 408/409/429/5xx) are retried by Temporal
+    # up to this many attempts; they do not count against a task's retry_on_failure.
+    llm_max_attempts: int = Field(5, alias="CHAINLOOM_LLM_MAX_ATTEMPTS")
+    llm_timeout: float = Field(300.0, alias="CHAINLOOM_LLM_TIMEOUT")
+    # A worker that dies mid-call is noticed after this long, and the call moves on.
+    llm_heartbeat_timeout: float = Field(20.0, alias="CHAINLOOM_LLM_HEARTBEAT_TIMEOUT")
+    # Backend model lists are cached this long inside a worker.
+    backend_models_ttl: float = Field(30.0, alias="CHAINLOOM_BACKEND_MODELS_TTL")
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'chainloom.db').resolve()}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

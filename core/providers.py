@@ -1,0 +1,201 @@
+"""Talking to LLM backends through the official `openai` and `ollama` clients.
+
+The clients' own retries are off: Temporal alone decides when a call is repeated, so a call
+whose result is already in history is never paid for twice.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import ollama
+import openai
+
+BACKEND_TYPES = ("ollama", "openai", "vllm")
+# HTTP statuses worth another try later or on another backend.
+TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+class ProviderError(Exception):
+    def __init__(self, message: str, *, transient: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.status = status
+
+
+@dataclass(frozen=True)
+class BackendRef:
+    """What a call needs to know about a backend (secrets are looked up, never passed in)."""
+
+    id: str
+    name: str
+    type: str
+    base_url: str
+    api_key: str = field(default="", repr=False)
+
+
+@dataclass
+class ChatAnswer:
+    content: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+def same_model(a: str, b: str) -> bool:
+    """Ollama treats 'name' and 'name:latest' as one model."""
+    if a == b:
+        return True
+    return a.removesuffix(":latest") == b.removesuffix(":latest")
+
+
+class ProviderClients:
+    """One client per backend, reused so HTTP connections are pooled across calls."""
+
+    def __init__(self, timeout: float = 300.0) -> None:
+        self._timeout = timeout
+        self._openai: dict[tuple[str, str], openai.AsyncOpenAI] = {}
+        self._ollama: dict[str, ollama.AsyncClient] = {}
+        self._models: dict[str, tuple[float, list[str]]] = {}
+
+    def _openai_client(self, backend: BackendRef) -> openai.AsyncOpenAI:
+        key = (backend.base_url, backend.api_key)
+        client = self._openai.get(key)
+        if client is None:
+            client = openai.AsyncOpenAI(
+                base_url=backend.base_url,
+                api_key=backend.api_key or "not-needed",
+                max_retries=0,
+                timeout=self._timeout,
+            )
+            self._openai[key] = client
+        return client
+
+    def _ollama_client(self, backend: BackendRef) -> ollama.AsyncClient:
+        client = self._ollama.get(backend.base_url)
+        if client is None:
+            client = ollama.AsyncClient(host=backend.base_url, timeout=self._timeout)
+            self._ollama[backend.base_url] = client
+        return client
+
+    async def list_models(self, backend: BackendRef, max_age: float = 0.0) -> list[str]:
+        cached = self._models.get(backend.id)
+        if cached and max_age > 0 and time.monotonic() - cached[0] < max_age:
+            return cached[1]
+        try:
+            if backend.type == "ollama":
+                listing = await self._ollama_client(backend).list()
+                names = [m.model or "" for m in listing.models]
+            else:
+                page = await self._openai_client(backend).models.list()
+                names = [m.id for m in page.data]
+        except Exception as err:
+            raise classify(err, backend) from err
+        self._models[backend.id] = (time.monotonic(), names)
+        return names
+
+    def forget(self, backend_id: str) -> None:
+        self._models.pop(backend_id, None)
+
+    async def chat(
+        self,
+        backend: BackendRef,
+        model: str,
+        messages: list[dict[str, Any]],
+        temperature: float | None,
+    ) -> ChatAnswer:
+        try:
+            if backend.type == "ollama":
+                options = {"temperature": temperature} if temperature is not None else None
+                reply = await self._ollama_client(backend).chat(
+                    model=model, messages=messages, options=options, stream=False
+                )
+                calls = [
+                    {
+                        "id": f"call_{i}",
+                        "type": "function",
+                        "function": {
+                            "name": c.function.name,
+                            "arguments": dict(c.function.arguments or {}),
+                        },
+                    }
+                    for i, c in enumerate(reply.message.tool_calls or [])
+                ]
+                return ChatAnswer(
+                    content=reply.message.content or "",
+                    input_tokens=reply.prompt_eval_count or 0,
+                    output_tokens=reply.eval_count or 0,
+                    tool_calls=calls,
+                )
+            kwargs: dict[str, Any] = {}
+            if temperature is not None:
+                kwargs["temperature"] = temperature
+            completion = await self._openai_client(backend).chat.completions.create(
+                model=model,
+                messages=messages,  # type: ignore[arg-type]
+                **kwargs,
+            )
+        except Exception as err:
+            raise classify(err, backend) from err
+        choice = completion.choices[0]
+        calls = [c.model_dump() for c in (choice.message.tool_calls or [])]
+        usage = completion.usage
+        return ChatAnswer(
+            content=choice.message.content or "",
+            input_tokens=usage.prompt_tokens if usage else 0,
+            output_tokens=usage.completion_tokens if usage else 0,
+            tool_calls=calls,
+        )
+
+    async def embed(self, backend: BackendRef, model: str, text: str) -> list[float]:
+        try:
+            if backend.type == "ollama":
+                reply = await self._ollama_client(backend).embed(model=model, input=text)
+                return [float(x) for x in reply.embeddings[0]]
+            result = await self._openai_client(backend).embeddings.create(model=model, input=text)
+            return [float(x) for x in result.data[0].embedding]
+        except Exception as err:
+            raise classify(err, backend) from err
+
+    async def close(self) -> None:
+        for client in self._openai.values():
+            await client.close()
+        self._openai.clear()
+        self._ollama.clear()
+
+
+def classify(err: Exception, backend: BackendRef) -> ProviderError:
+    """Sort a client error into transient (retry, fail over) or permanent (fail the task)."""
+    if isinstance(err, ProviderError):
+        return err
+    where = f"backend {backend.name}"
+    if isinstance(err, openai.APIStatusError):
+        status = err.status_code
+        detail = _openai_message(err)
+        return ProviderError(
+            f"{where}: HTTP {status}: {detail}", transient=status in TRANSIENT_STATUSES, status=status
+        )
+    if isinstance(err, openai.APIConnectionError | openai.APITimeoutError):
+        return ProviderError(f"{where}: cannot reach {backend.base_url}: {err}", transient=True)
+    if isinstance(err, ollama.ResponseError):
+        status = err.status_code
+        return ProviderError(
+            f"{where}: HTTP {status}: {err.error}",
+            transient=status in TRANSIENT_STATUSES or status < 0,
+            status=status,
+        )
+    if isinstance(err, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError):
+        return ProviderError(f"{where}: cannot reach {backend.base_url}: {err!r}", transient=True)
+    if isinstance(err, ConnectionError | TimeoutError):
+        return ProviderError(f"{where}: cannot reach {backend.base_url}: {err!r}", transient=True)
+    return ProviderError(f"{where}: {type(err).__name__}: {err}", transient=False)
+
+
+def _openai_message(err: openai.APIStatusError) -> str:
+    body = err.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return err.message

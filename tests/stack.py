@@ -1,0 +1,114 @@
+"""A whole chainloom stack in one test process: worker and API, each on its own thread and loop.
+
+The worker gets its own event loop so that a synchronous test blocking on HTTP never starves
+it; the API is real uvicorn on a loopback port, so tests speak real HTTP.
+"""
+
+import asyncio
+import threading
+import uuid
+from typing import Any
+
+import httpx
+import uvicorn
+
+from api.main import create_app
+from core.config import Settings
+from core.db import Database
+from core.devserver import free_port
+from core.temporal import connect
+from worker import build_worker
+
+
+class WorkerThread:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True, name="worker")
+
+    def start(self) -> "WorkerThread":
+        self._thread.start()
+        if not self._ready.wait(60):
+            raise TimeoutError("worker did not start")
+        if self._error:
+            raise self._error
+        return self
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._run())
+
+    async def _run(self) -> None:
+        self._stop = asyncio.Event()
+        db = Database(self.settings.resolved_database_url())
+        try:
+            client = await connect(self.settings)
+            worker = build_worker(client, self.settings, db)
+            async with worker:
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as err:  # surfaced to the starting test
+            self._error = err
+            self._ready.set()
+        finally:
+            db.dispose()
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+
+class ApiThread:
+    def __init__(self, settings: Settings) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, daemon=True, name="api")
+
+    def start(self) -> "ApiThread":
+        self._thread.start()
+        for _ in range(600):
+            if self.server.started:
+                return self
+            threading.Event().wait(0.05)
+        raise TimeoutError("API did not start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(30)
+
+
+class Stack:
+    """Settings, a worker and the API, sharing one database and a fresh task queue."""
+
+    API_KEY = "test-key-" + uuid.uuid4().hex
+
+    def __init__(self, temporal_address: str, database_url: str, **overrides: Any) -> None:
+        values: dict[str, Any] = {
+            "TEMPORAL_ADDRESS": temporal_address,
+            "DATABASE_URL": database_url,
+            "CHAINLOOM_API_KEY": self.API_KEY,
+            "CHAINLOOM_TASK_QUEUE": "test-" + uuid.uuid4().hex[:12],
+            "CHAINLOOM_LLM_HEARTBEAT_TIMEOUT": 5,
+            "CHAINLOOM_BACKEND_MODELS_TTL": 0,
+            **overrides,
+        }
+        self.settings = Settings(**values)
+        Database(database_url).migrate()
+        self.worker = WorkerThread(self.settings).start()
+        self.api = ApiThread(self.settings).start()
+        self.http = httpx.Client(
+            base_url=self.api.url, headers={"X-API-Key": self.API_KEY}, timeout=120
+        )
+
+    def close(self) -> None:
+        self.http.close()
+        self.api.stop()
+        self.worker.stop()

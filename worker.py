@@ -1,0 +1,73 @@
+"""The chainloom Temporal worker (same as `chainloom worker`)."""
+
+import asyncio
+import logging
+import signal
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from activities.llm import LLMActivities, all_activities
+from core.config import Settings, get_settings
+from core.db import Database
+from core.providers import ProviderClients
+from core.temporal import connect, ensure_search_attributes
+from workflows.chain import ChainWorkflow
+
+log = logging.getLogger("chainloom.worker")
+
+WORKFLOWS = [ChainWorkflow]
+
+# Modules the workflow sandbox may share instead of re-importing per run: they are
+# deterministic, and re-importing pydantic/jinja2 for every run costs hundreds of ms.
+PASSTHROUGH = ("chains", "workflows.types", "pydantic", "pydantic_core", "jinja2", "markupsafe")
+
+
+def build_worker(
+    client: Client,
+    settings: Settings,
+    db: Database,
+    clients: ProviderClients | None = None,
+    task_queue: str | None = None,
+) -> Worker:
+    llm = LLMActivities(
+        db,
+        clients or ProviderClients(timeout=settings.llm_timeout),
+        default_model=settings.default_model,
+        models_ttl=settings.backend_models_ttl,
+    )
+    return Worker(
+        client,
+        task_queue=task_queue or settings.task_queue,
+        workflows=WORKFLOWS,
+        activities=all_activities(llm),
+        workflow_runner=SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
+        ),
+    )
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    db = Database(settings.resolved_database_url())
+    db.migrate()
+    client = await connect(settings)
+    await ensure_search_attributes(client)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    worker = build_worker(client, settings, db)
+    log.info("worker polling task queue %r on %s", settings.task_queue, settings.temporal_address)
+    async with worker:
+        await stop.wait()
+    db.dispose()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(run_worker(get_settings()))
+
+
+if __name__ == "__main__":
+    main()

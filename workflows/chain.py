@@ -1,0 +1,365 @@
+"""ChainWorkflow: interprets a task chain step by step.
+
+Only model calls (and later hooks and JS) leave the workflow as activities; templating,
+parsing, conditions and transitions run here, deterministically, so they cost no round trip
+and replay for free.
+"""
+
+from datetime import timedelta
+from typing import Any, NoReturn
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from chains import engine, templating
+    from chains.engine import TaskFailure
+    from chains.spec import (
+        LLM_PROMPT_HANDLERS,
+        TERM_END,
+        ChainDefinition,
+        TaskDefinition,
+        canonical_handler,
+        parse_duration,
+    )
+    from workflows.types import (
+        ApprovalDecision,
+        ChainRunInput,
+        EmbedRequest,
+        EmbedResult,
+        LLMRequest,
+        LLMResult,
+        ModelChoice,
+    )
+
+CHAIN_FAILED = "ChainFailed"
+PERMANENT_LLM_ERROR = "PermanentLLMError"
+
+
+class _Outcome:
+    __slots__ = ("meta", "output", "transition")
+
+    def __init__(self, output: Any, transition: str, meta: dict[str, Any] | None = None) -> None:
+        self.output = output
+        self.transition = transition
+        self.meta = meta or {}
+
+
+@workflow.defn(name="ChainWorkflow")
+class ChainWorkflow:
+    def __init__(self) -> None:
+        self._state: list[dict[str, Any]] = []
+        self._status = "running"
+        self._current = ""
+        self._decisions: list[ApprovalDecision] = []
+        self._output: Any = None
+
+    @workflow.query
+    def progress(self) -> dict[str, Any]:
+        return {
+            "status": self._status,
+            "currentTask": self._current,
+            "state": self._state,
+            "output": self._output,
+        }
+
+    @workflow.signal
+    def approve(self, decision: ApprovalDecision) -> None:
+        self._decisions.append(decision)
+
+    @workflow.run
+    async def run(self, params: ChainRunInput) -> dict[str, Any]:
+        chain = ChainDefinition.model_validate(params.chain)
+        self._params = params
+        self._chain = chain
+        variables: dict[str, Any] = {"input": params.input}
+        previous: Any = params.input
+        task: TaskDefinition | None = chain.tasks[0]
+        steps = 0
+        while task is not None:
+            steps += 1
+            if steps > chain.max_steps:
+                self._fail(
+                    f"chain {chain.id!r} passed max_steps={chain.max_steps} at task {task.id!r}; "
+                    "raise max_steps or give the loop an exit"
+                )
+            self._current = task.id
+            task_input = variables.get(task.input_var, None) if task.input_var else previous
+            started = workflow.now()
+            unit: dict[str, Any] = {
+                "taskID": task.id,
+                "taskHandler": task.handler,
+                "inputVar": task.input_var or "previous_output",
+                "input": engine.as_text(task_input),
+                "inputType": engine.value_type(task_input),
+                "startedAt": started.isoformat().replace("+00:00", "Z"),
+            }
+            scope = {**variables, "previous_output": previous}
+            outcome: _Outcome | None = None
+            error = ""
+            attempts = task.retry_on_failure + 1
+            for attempt in range(1, attempts + 1):
+                unit["attempt"] = attempt
+                try:
+                    result = await self._execute(task, task_input, scope)
+                    self._finish(task, result, variables)
+                    outcome = result
+                    break
+                except TaskFailure as err:
+                    error = str(err)
+            finished = workflow.now()
+            unit["duration"] = int((finished - started).total_seconds() * 1e9)
+            if outcome is None:
+                unit.update(
+                    output="", outputType="string", transition="", error={"error": error}
+                )
+                self._state.append(unit)
+                if task.transition.on_failure:
+                    variables["error"] = error
+                    task = self._goto(task.transition.on_failure, task.id)
+                    continue
+                self._fail(f"task {task.id!r} ({task.handler}) failed: {error}")
+            output = outcome.output
+            unit.update(outcome.meta)
+            unit.update(
+                output=output,
+                outputType=engine.value_type(output),
+                transition=outcome.transition,
+                error={"error": ""},
+            )
+            variables[task.id] = output
+            previous = output
+            self._state.append(unit)
+            target = engine.next_task(task.transition, outcome.transition)
+            if target is None:
+                self._fail(
+                    f"task {task.id!r}: no branch matches transition value "
+                    f"{outcome.transition[:200]!r} and there is no default branch"
+                )
+            task = None if target == TERM_END else self._goto(str(target), task.id)
+        self._status = "completed"
+        self._current = ""
+        self._output = previous
+        return {
+            "output": previous,
+            "outputType": engine.value_type(previous),
+            "state": self._state,
+        }
+
+    def _goto(self, target: str, source: str) -> TaskDefinition | None:
+        if target in ("", TERM_END):
+            return None
+        found = self._chain.task(target)
+        if found is None:
+            self._fail(f"task {source!r} jumps to unknown task {target!r}")
+        return found
+
+    def _fail(self, message: str) -> NoReturn:
+        self._status = "failed"
+        raise ApplicationError(
+            message, {"state": self._state}, type=CHAIN_FAILED, non_retryable=True
+        )
+
+    def _finish(self, task: TaskDefinition, outcome: _Outcome, variables: dict[str, Any]) -> None:
+        """Compose and print; a failure here is the task's failure, like any other."""
+        try:
+            if task.compose and task.compose.with_var:
+                outcome.output = engine.compose(
+                    outcome.output, variables.get(task.compose.with_var), task.compose.strategy
+                )
+            if task.print:
+                scope = {**variables, task.id: outcome.output, "previous_output": outcome.output}
+                outcome.meta["print"] = templating.render(task.print, scope)
+        except templating.TemplateError as err:
+            raise TaskFailure(f"template error: {err}") from err
+
+    async def _execute(
+        self, task: TaskDefinition, task_input: Any, scope: dict[str, Any]
+    ) -> _Outcome:
+        handler = canonical_handler(task.handler)
+        try:
+            if handler in LLM_PROMPT_HANDLERS:
+                return await self._prompt(task, handler, scope)
+            if handler == "chat_completion":
+                return await self._chat(task, task_input, scope)
+            if handler == "text_to_embedding":
+                return await self._embed(task, task_input, scope)
+            if handler == "approval":
+                return await self._approval(task)
+            return self._deterministic(task, handler, task_input, scope)
+        except templating.TemplateError as err:
+            raise TaskFailure(f"template error: {err}") from err
+
+    def _render(self, template: str, scope: dict[str, Any]) -> str:
+        return templating.render(template, scope)
+
+    def _output_template(self, task: TaskDefinition, output: Any, scope: dict[str, Any]) -> Any:
+        if not task.output_template:
+            return output
+        data = {**scope, **output} if isinstance(output, dict) else {**scope, "output": output}
+        return self._render(task.output_template, data)
+
+    def _choice(self, task: TaskDefinition) -> ModelChoice:
+        cfg = task.execute_config
+        if cfg is None:
+            return ModelChoice()
+        return ModelChoice(
+            model=cfg.model, models=cfg.models, provider=cfg.provider, providers=cfg.providers
+        )
+
+    def _activity_options(self, task: TaskDefinition) -> dict[str, Any]:
+        opts = self._params.options
+        timeout = parse_duration(task.timeout) or opts.llm_timeout
+        return {
+            "start_to_close_timeout": timedelta(seconds=timeout),
+            "heartbeat_timeout": timedelta(seconds=opts.llm_heartbeat_timeout),
+            "retry_policy": RetryPolicy(
+                initial_interval=timedelta(seconds=1),
+                backoff_coefficient=2.0,
+                maximum_interval=timedelta(seconds=30),
+                maximum_attempts=opts.llm_max_attempts,
+                non_retryable_error_types=[PERMANENT_LLM_ERROR],
+            ),
+        }
+
+    async def _call_llm(
+        self, task: TaskDefinition, messages: list[dict[str, Any]]
+    ) -> LLMResult:
+        cfg = task.execute_config
+        request = LLMRequest(
+            tenant_id=self._params.tenant_id,
+            workflow_id=workflow.info().workflow_id,
+            task_id=task.id,
+            choice=self._choice(task),
+            messages=messages,
+            temperature=cfg.temperature if cfg else None,
+            token_limit=self._chain.token_limit,
+        )
+        try:
+            return await workflow.execute_activity(
+                "llm_chat",
+                request,
+                result_type=LLMResult,
+                summary=f"{task.id}: {task.handler}",
+                **self._activity_options(task),
+            )
+        except ActivityError as err:
+            raise TaskFailure(_activity_message(err)) from err
+
+    async def _prompt(self, task: TaskDefinition, handler: str, scope: dict[str, Any]) -> _Outcome:
+        prompt = self._render(task.prompt_template, scope)
+        messages: list[dict[str, Any]] = []
+        if task.system_instruction:
+            system = self._render(task.system_instruction, scope)
+            messages.append({"role": "system", "content": system})
+        messages.append({"role": "user", "content": prompt})
+        result = await self._call_llm(task, messages)
+        output = engine.interpret_answer(handler, result.content, task.valid_conditions)
+        output = self._output_template(task, output, scope)
+        return _Outcome(output, engine.as_text(output), _llm_meta(result))
+
+    async def _chat(self, task: TaskDefinition, task_input: Any, scope: dict[str, Any]) -> _Outcome:
+        history = engine.to_chat_history(task_input)
+        messages = history["messages"]
+        if task.system_instruction and not any(m.get("role") == "system" for m in messages):
+            system = self._render(task.system_instruction, scope)
+            messages.insert(0, {"role": "system", "content": system})
+        result = await self._call_llm(task, messages)
+        reply: dict[str, Any] = {"role": "assistant", "content": result.content}
+        if result.tool_calls:
+            reply["tool_calls"] = result.tool_calls
+        history["messages"] = [*messages, reply]
+        history["model"] = result.model
+        history["inputTokens"] = int(history.get("inputTokens") or 0) + result.input_tokens
+        history["outputTokens"] = int(history.get("outputTokens") or 0) + result.output_tokens
+        return _Outcome(history, result.content, _llm_meta(result))
+
+    async def _embed(self, task: TaskDefinition, task_input: Any, scope: dict[str, Any]) -> _Outcome:
+        text = self._render(task.prompt_template, scope) if task.prompt_template else None
+        request = EmbedRequest(
+            tenant_id=self._params.tenant_id,
+            workflow_id=workflow.info().workflow_id,
+            task_id=task.id,
+            choice=self._choice(task),
+            text=text if text is not None else engine.as_text(task_input),
+        )
+        try:
+            result = await workflow.execute_activity(
+                "llm_embed",
+                request,
+                result_type=EmbedResult,
+                summary=f"{task.id}: {task.handler}",
+                **self._activity_options(task),
+            )
+        except ActivityError as err:
+            raise TaskFailure(_activity_message(err)) from err
+        return _Outcome(result.vector, "ok", {"model": result.model, "backend": result.backend})
+
+    async def _approval(self, task: TaskDefinition) -> _Outcome:
+        self._status = "waiting"
+        timeout = parse_duration(task.timeout)
+        try:
+            await workflow.wait_condition(
+                lambda: bool(self._decisions),
+                timeout=timedelta(seconds=timeout) if timeout else None,
+            )
+            decision = self._decisions.pop(0)
+            output: dict[str, Any] = {
+                "approved": decision.approved,
+                "comment": decision.comment,
+                "payload": decision.payload,
+                "by": decision.by,
+            }
+        except TimeoutError:
+            output = {"approved": False, "comment": "", "payload": None, "reason": "timeout"}
+        finally:
+            self._status = "running"
+        return _Outcome(output, "approved" if output["approved"] else "rejected")
+
+    def _deterministic(
+        self, task: TaskDefinition, handler: str, task_input: Any, scope: dict[str, Any]
+    ) -> _Outcome:
+        if handler == "noop":
+            output = self._output_template(task, task_input, scope)
+            return _Outcome(output, engine.as_text(output))
+        if handler == "raise_error":
+            message = self._render(task.prompt_template, scope) if task.prompt_template else ""
+            raise TaskFailure(message or f"task {task.id!r} raised an error")
+        if handler == "parse_command":
+            parsed = engine.parse_command(engine.as_text(task_input))
+            return _Outcome(self._output_template(task, parsed, scope), parsed["command"])
+        if handler == "parse_key_value":
+            pairs = engine.parse_key_value(engine.as_text(task_input))
+            return _Outcome(self._output_template(task, pairs, scope), "ok")
+        if handler == "convert_to_openai_chat_response":
+            if not engine.is_chat_history(task_input):
+                raise TaskFailure("convert_to_openai_chat_response needs a chat history as input")
+            info = workflow.info()
+            response = engine.openai_chat_response(
+                task_input,
+                f"chatcmpl-{info.run_id}-{task.id}",
+                int(workflow.now().timestamp()),
+            )
+            return _Outcome(response, "ok")
+        raise TaskFailure(
+            f"handler {task.handler!r} is not available yet in this version of chainloom"
+        )
+
+
+def _llm_meta(result: LLMResult) -> dict[str, Any]:
+    return {
+        "model": result.model,
+        "backend": result.backend,
+        "inputTokens": result.input_tokens,
+        "outputTokens": result.output_tokens,
+    }
+
+
+def _activity_message(err: ActivityError) -> str:
+    cause = err.cause
+    while cause is not None and cause.cause is not None and not isinstance(cause, ApplicationError):
+        cause = cause.cause
+    if cause is None:
+        return str(err)
+    return getattr(cause, "message", None) or str(cause)

@@ -1,0 +1,81 @@
+"""Arguments and results that cross the workflow/activity boundary.
+
+Plain dataclasses without postponed annotations: Temporal decodes them on every activity
+result, and string annotations would be re-evaluated each time.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RunOptions:
+    """Settings fixed when a run starts, so workflow code never reads the environment."""
+
+    llm_max_attempts: int = 5
+    llm_timeout: float = 300.0
+    llm_heartbeat_timeout: float = 20.0
+
+
+@dataclass
+class ChainRunInput:
+    chain: dict[str, Any]
+    input: Any = None
+    input_type: str = "string"
+    tenant_id: str = "default"
+    options: RunOptions = field(default_factory=RunOptions)
+
+
+@dataclass
+class ModelChoice:
+    """What execute_config says about which model and backend may serve a call."""
+
+    model: str = ""
+    models: list[str] = field(default_factory=list)
+    provider: str = ""
+    providers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LLMRequest:
+    tenant_id: str
+    workflow_id: str
+    task_id: str
+    choice: ModelChoice
+    messages: list[dict[str, Any]]
+    temperature: float | None = None
+    token_limit: int = 0
+
+
+@dataclass
+class LLMResult:
+    content: str
+    model: str
+    backend: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class EmbedRequest:
+    tenant_id: str
+    workflow_id: str
+    task_id: str
+    choice: ModelChoice
+    text: str
+
+
+@dataclass
+class EmbedResult:
+    vector: list[float]
+    model: str
+    backend: str
+
+
+@dataclass
+class ApprovalDecision:
+    approved: bool
+    comment: str = ""
+    payload: Any = None
+    by: str = ""
