@@ -110,8 +110,11 @@ class LLMActivities:
                 )
             raise ApplicationError(
                 f"no backend serves model {wanted}"
-                + (f" (provider {sorted({choice.provider, *choice.providers} - {''})})"
-                   if choice.provider or choice.providers else ""),
+                + (
+                    f" (provider {sorted({choice.provider, *choice.providers} - {''})})"
+                    if choice.provider or choice.providers
+                    else ""
+                ),
                 type=PERMANENT,
                 non_retryable=True,
             )

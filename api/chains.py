@@ -15,7 +15,9 @@ def validate_chain(data: Any) -> ChainDefinition:
     except ChainError as err:
         problems = [p for p in err.problems if getattr(p, "severity", "error") == "error"]
         problems = problems or list(err.problems)
-        errors = [{"field": p.pointer, "message": p.message, "code": "invalid_chain"} for p in problems]
+        errors = [
+            {"field": p.pointer, "message": p.message, "code": "invalid_chain"} for p in problems
+        ]
         summary = "; ".join(f"{p.pointer}: {p.message}" for p in problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise APIError(

@@ -81,8 +81,12 @@ def require_auth(
         )
     expected = state.settings.api_key
     if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
-        raise APIError(401, "invalid_api_key", "the API key is not valid",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(
+            401,
+            "invalid_api_key",
+            "the API key is not valid",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return Principal(tenant_id=state.settings.default_tenant, key_id="bootstrap")
 
 
@@ -97,7 +101,7 @@ def parse_cursor(cursor: str | None) -> datetime | None:
     if "." in text:
         head, _, rest = text.partition(".")
         digits = "".join(ch for ch in rest if ch.isdigit())
-        zone = rest[len(digits):]
+        zone = rest[len(digits) :]
         text = f"{head}.{digits[:6]}{zone}"
     try:
         return datetime.fromisoformat(text)
@@ -113,7 +117,9 @@ def page_limit(limit: str | None, default: int = 100, maximum: int = 1000) -> in
     try:
         value = int(limit)
     except ValueError as err:
-        raise APIError(400, "invalid_limit", f"limit {limit!r} is not a number", param="limit") from err
+        raise APIError(
+            400, "invalid_limit", f"limit {limit!r} is not a number", param="limit"
+        ) from err
     if value < 1:
         raise APIError(400, "invalid_limit", "limit must be at least 1", param="limit")
     return min(value, maximum)

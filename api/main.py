@@ -32,7 +32,9 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
             await clients.close()
         db.dispose()
 
-    app = FastAPI(title="chainloom", version="0.1.0", description=API_DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="chainloom", version="0.1.0", description=API_DESCRIPTION, lifespan=lifespan
+    )
     errors.install(app)
     app.include_router(health.router)
     secured = [Depends(require_auth)]

@@ -77,7 +77,9 @@ def parse_condition(answer: str, valid_conditions: dict[str, bool]) -> bool:
     if first in lowered:
         return bool(lowered[first])
     allowed = ", ".join(sorted(valid_conditions))
-    raise TaskFailure(f"answer {answer.strip()[:200]!r} is not one of the valid conditions: {allowed}")
+    raise TaskFailure(
+        f"answer {answer.strip()[:200]!r} is not one of the valid conditions: {allowed}"
+    )
 
 
 def parse_int(answer: str) -> int:

@@ -107,8 +107,10 @@ def run(
             errors.print(f"[red]cannot reach the API at {_api_url()}: {err}[/red]")
             raise typer.Exit(2) from err
         if started.status_code != 202:
-            errors.print(f"[red]the API refused the run ({started.status_code}):[/red] "
-                         f"{started.json().get('detail', started.text)}")
+            errors.print(
+                f"[red]the API refused the run ({started.status_code}):[/red] "
+                f"{started.json().get('detail', started.text)}"
+            )
             raise typer.Exit(1)
         run_id = started.json()["id"]
         console.print(f"run [bold]{run_id}[/bold] ({started.json()['workflowId']})")

@@ -68,7 +68,7 @@ def start_dev_server(
         args += ["--dynamic-config-value", f"{key}={value}"]
     for attr in ALL_KEYS:
         args += ["--search-attribute", f"{attr.name}=Keyword"]
-    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_port(port, 60, proc)

@@ -174,7 +174,9 @@ def classify(err: Exception, backend: BackendRef) -> ProviderError:
         status = err.status_code
         detail = _openai_message(err)
         return ProviderError(
-            f"{where}: HTTP {status}: {detail}", transient=status in TRANSIENT_STATUSES, status=status
+            f"{where}: HTTP {status}: {detail}",
+            transient=status in TRANSIENT_STATUSES,
+            status=status,
         )
     if isinstance(err, openai.APIConnectionError | openai.APITimeoutError):
         return ProviderError(f"{where}: cannot reach {backend.base_url}: {err}", transient=True)

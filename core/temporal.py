@@ -17,17 +17,18 @@ from workflows.search import ALL_KEYS
 log = logging.getLogger(__name__)
 
 
-async def connect(settings: Settings, timeout: float = 10.0) -> Client:
+CONNECT_TIMEOUT = 10.0
+
+
+async def connect(settings: Settings) -> Client:
     """Connect with a bound: the SDK itself would wait forever on an unreachable server."""
-    return await asyncio.wait_for(
-        Client.connect(
+    async with asyncio.timeout(CONNECT_TIMEOUT):
+        return await Client.connect(
             settings.temporal_address,
             namespace=settings.temporal_namespace,
             tls=settings.temporal_tls,
             api_key=settings.temporal_api_key or None,
-        ),
-        timeout,
-    )
+        )
 
 
 async def ensure_search_attributes(client: Client) -> None:

@@ -91,22 +91,37 @@ class Stack:
     API_KEY = "test-key-" + uuid.uuid4().hex
 
     def __init__(self, temporal_address: str, database_url: str, **overrides: Any) -> None:
-        values: dict[str, Any] = {
-            "TEMPORAL_ADDRESS": temporal_address,
-            "DATABASE_URL": database_url,
-            "CHAINLOOM_API_KEY": self.API_KEY,
-            "CHAINLOOM_TASK_QUEUE": "test-" + uuid.uuid4().hex[:12],
-            "CHAINLOOM_LLM_HEARTBEAT_TIMEOUT": 5,
-            "CHAINLOOM_BACKEND_MODELS_TTL": 0,
-            **overrides,
-        }
-        self.settings = Settings(**values)
-        Database(database_url).migrate()
+        self.settings = self.settings_for(temporal_address, database_url, **overrides)
         self.worker = WorkerThread(self.settings).start()
         self.api = ApiThread(self.settings).start()
         self.http = httpx.Client(
             base_url=self.api.url, headers={"X-API-Key": self.API_KEY}, timeout=120
         )
+
+    @classmethod
+    def settings_for(cls, temporal_address: str, database_url: str, **overrides: Any) -> Settings:
+        """Settings for a fresh task queue on a migrated database."""
+        values: dict[str, Any] = {
+            "TEMPORAL_ADDRESS": temporal_address,
+            "DATABASE_URL": database_url,
+            "CHAINLOOM_API_KEY": cls.API_KEY,
+            "CHAINLOOM_TASK_QUEUE": "test-" + uuid.uuid4().hex[:12],
+            "CHAINLOOM_LLM_HEARTBEAT_TIMEOUT": 5,
+            "CHAINLOOM_BACKEND_MODELS_TTL": 0,
+            **overrides,
+        }
+        Database(database_url).migrate()
+        return Settings(**values)
+
+    @staticmethod
+    def env_for(settings: Settings) -> dict[str, str]:
+        """The same settings as environment variables, for a chainloom subprocess."""
+        env: dict[str, str] = {}
+        for name, field in Settings.model_fields.items():
+            value = getattr(settings, name)
+            if field.alias and value not in (None, ""):
+                env[field.alias] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
 
     def close(self) -> None:
         self.http.close()

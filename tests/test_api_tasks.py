@@ -14,7 +14,9 @@ def sentiment_chain() -> dict:
     return yaml.safe_load((EXAMPLES / "sentiment-router.yaml").read_text())
 
 
-def add_backend(stack: Stack, llm: ScriptedLLM, kind: str = "openai", name: str = "scripted") -> dict:
+def add_backend(
+    stack: Stack, llm: ScriptedLLM, kind: str = "openai", name: str = "scripted"
+) -> dict:
     base = llm.openai_base if kind in ("openai", "vllm") else llm.url
     resp = stack.http.post("/backends", json={"name": name, "baseUrl": base, "type": kind})
     assert resp.status_code == 201, resp.text

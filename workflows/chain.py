@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from chains import engine, templating
@@ -111,9 +111,7 @@ class ChainWorkflow:
             finished = workflow.now()
             unit["duration"] = int((finished - started).total_seconds() * 1e9)
             if outcome is None:
-                unit.update(
-                    output="", outputType="string", transition="", error={"error": error}
-                )
+                unit.update(output="", outputType="string", transition="", error={"error": error})
                 self._state.append(unit)
                 if task.transition.on_failure:
                     variables["error"] = error
@@ -223,9 +221,7 @@ class ChainWorkflow:
             ),
         }
 
-    async def _call_llm(
-        self, task: TaskDefinition, messages: list[dict[str, Any]]
-    ) -> LLMResult:
+    async def _call_llm(self, task: TaskDefinition, messages: list[dict[str, Any]]) -> LLMResult:
         cfg = task.execute_config
         request = LLMRequest(
             tenant_id=self._params.tenant_id,
@@ -275,7 +271,9 @@ class ChainWorkflow:
         history["outputTokens"] = int(history.get("outputTokens") or 0) + result.output_tokens
         return _Outcome(history, result.content, _llm_meta(result))
 
-    async def _embed(self, task: TaskDefinition, task_input: Any, scope: dict[str, Any]) -> _Outcome:
+    async def _embed(
+        self, task: TaskDefinition, task_input: Any, scope: dict[str, Any]
+    ) -> _Outcome:
         text = self._render(task.prompt_template, scope) if task.prompt_template else None
         request = EmbedRequest(
             tenant_id=self._params.tenant_id,
@@ -357,8 +355,11 @@ def _llm_meta(result: LLMResult) -> dict[str, Any]:
 
 
 def _activity_message(err: ActivityError) -> str:
-    cause = err.cause
-    while cause is not None and cause.cause is not None and not isinstance(cause, ApplicationError):
+    """The innermost failure message, which names the backend and what went wrong."""
+    cause: BaseException | None = err.cause
+    while isinstance(cause, FailureError) and not isinstance(cause, ApplicationError):
+        if cause.cause is None:
+            break
         cause = cause.cause
     if cause is None:
         return str(err)

@@ -107,8 +107,12 @@ async def list_backends(
     return list(await asyncio.gather(*(_with_status(clients, row) for row in rows)))
 
 
-@router.post("/backends", status_code=201, response_model=BackendOut,
-             summary="Creates a new backend connection to an LLM provider.")
+@router.post(
+    "/backends",
+    status_code=201,
+    response_model=BackendOut,
+    summary="Creates a new backend connection to an LLM provider.",
+)
 def create_backend(body: BackendIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
     row = BackendRow(
         tenant_id=principal.tenant_id, name=body.name, base_url=body.base_url, type=body.type
@@ -130,8 +134,11 @@ def _load(state: StateDep, tenant_id: str, backend_id: str) -> BackendRow:
     return row
 
 
-@router.get("/backends/{id}", response_model=BackendStatus,
-            summary="Retrieves complete information for a specific backend.")
+@router.get(
+    "/backends/{id}",
+    response_model=BackendStatus,
+    summary="Retrieves complete information for a specific backend.",
+)
 async def get_backend(
     id: str, request: Request, state: StateDep, principal: PrincipalDep
 ) -> dict[str, Any]:
@@ -139,8 +146,11 @@ async def get_backend(
     return await _with_status(_probe_clients(request), row)
 
 
-@router.put("/backends/{id}", response_model=BackendOut,
-            summary="Updates an existing backend configuration.")
+@router.put(
+    "/backends/{id}",
+    response_model=BackendOut,
+    summary="Updates an existing backend configuration.",
+)
 def update_backend(
     id: str, body: BackendIn, request: Request, state: StateDep, principal: PrincipalDep
 ) -> dict[str, Any]:
@@ -164,5 +174,3 @@ def delete_backend(id: str, state: StateDep, principal: PrincipalDep) -> str:
         session.delete(session.merge(row))
         session.commit()
     return "backend removed"
-
-

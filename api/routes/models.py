@@ -51,8 +51,11 @@ def _out(row: ModelRow) -> dict[str, Any]:
     }
 
 
-@router.get("/models", response_model=list[ModelOut],
-            summary="Lists all registered models in internal format.")
+@router.get(
+    "/models",
+    response_model=list[ModelOut],
+    summary="Lists all registered models in internal format.",
+)
 def list_models(
     state: StateDep,
     principal: PrincipalDep,
@@ -68,8 +71,12 @@ def list_models(
         return [_out(row) for row in session.exec(query).all()]
 
 
-@router.post("/models", status_code=201, response_model=ModelOut,
-             summary="Declares a new model to the system.")
+@router.post(
+    "/models",
+    status_code=201,
+    response_model=ModelOut,
+    summary="Declares a new model to the system.",
+)
 def create_model(body: ModelIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
     row = ModelRow(tenant_id=principal.tenant_id, **body.model_dump(by_alias=False))
     with state.db.session() as session:
@@ -77,7 +84,9 @@ def create_model(body: ModelIn, state: StateDep, principal: PrincipalDep) -> dic
         try:
             session.commit()
         except IntegrityError as err:
-            raise APIError(409, "already_exists", f"model {body.model!r} is already declared") from err
+            raise APIError(
+                409, "already_exists", f"model {body.model!r} is already declared"
+            ) from err
     return _out(row)
 
 
@@ -89,9 +98,12 @@ def _load(state: StateDep, tenant_id: str, model_id: str) -> ModelRow:
     return row
 
 
-@router.put("/models/{id}", response_model=ModelOut,
-            summary="Updates an existing model registration.")
-def update_model(id: str, body: ModelIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+@router.put(
+    "/models/{id}", response_model=ModelOut, summary="Updates an existing model registration."
+)
+def update_model(
+    id: str, body: ModelIn, state: StateDep, principal: PrincipalDep
+) -> dict[str, Any]:
     row = _load(state, principal.tenant_id, id)
     if body.model != row.model:
         raise APIError(422, "immutable_field", "a model's name cannot be changed", param="model")

@@ -35,9 +35,7 @@ router = APIRouter(tags=["runs"])
     description="Runs the chain and waits for its result (up to CHAINLOOM_TASKS_WAIT_TIMEOUT); "
     "a run still going after that answers 202 with the run id to poll on /runs/{id}.",
 )
-async def execute_task(
-    body: TaskExecutionRequest, state: StateDep, principal: PrincipalDep
-) -> Any:
+async def execute_task(body: TaskExecutionRequest, state: StateDep, principal: PrincipalDep) -> Any:
     chain = await resolve_chain(state, principal, body)
     run, handle = await start_run(state, principal, chain, body)
     try:

@@ -1,0 +1,730 @@
+"""The chain language: loading, schema errors, lint rules, examples, JSON Schema, templates."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jsonschema
+import pytest
+
+from chains import schema as chain_schema
+from chains.lint import Problem, lint_chain
+from chains.loader import (
+    ChainError,
+    check_chain,
+    json_pointer,
+    load_chain,
+    load_chain_file,
+    parse_chain_text,
+    validate_chain,
+)
+from chains.spec import ChainDefinition
+from chains.templating import (
+    TemplateCompileError,
+    TemplateError,
+    TemplateSecurityError,
+    UndefinedVariableError,
+    compile_template,
+    go_to_jinja,
+    render,
+    template_variables,
+)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "chains" / "examples"
+MODELS = {"gpt-4o-mini"}
+
+YAML_CHAIN = """
+id: hello
+description: greet
+tasks:
+  - id: greet
+    handler: prompt_to_string
+    prompt_template: "Say hello to {{ input }}"
+    execute_config:
+      model: gpt-4o-mini
+      models: [gpt-4o, llama3]
+    transition:
+      branches:
+        - operator: default
+          goto: end
+"""
+
+
+def end_branch() -> dict[str, Any]:
+    return {"operator": "default", "goto": "end"}
+
+
+def task(task_id: str, handler: str = "noop", *branches: dict[str, Any], **fields: Any) -> dict:
+    data: dict[str, Any] = {"id": task_id, "handler": handler, **fields}
+    if branches:
+        data.setdefault("transition", {})["branches"] = list(branches)
+    return data
+
+
+def goto(target: str, operator: str = "default", when: str = "") -> dict[str, Any]:
+    return {"operator": operator, "when": when, "goto": target}
+
+
+def make_chain(*tasks: dict[str, Any], **fields: Any) -> ChainDefinition:
+    return ChainDefinition.model_validate({"id": "test", "tasks": list(tasks), **fields})
+
+
+def lint(*tasks: dict[str, Any], **kwargs: Any) -> list[Problem]:
+    return lint_chain(make_chain(*tasks), **kwargs)
+
+
+def errors(problems: list[Problem]) -> list[Problem]:
+    return [p for p in problems if p.severity == "error"]
+
+
+def at(problems: list[Problem], pointer: str) -> list[Problem]:
+    return [p for p in problems if p.pointer == pointer]
+
+
+# --- parsing and loading --------------------------------------------------------------------
+
+
+def test_load_yaml_text() -> None:
+    chain = load_chain(YAML_CHAIN)
+    assert chain.id == "hello"
+    assert chain.tasks[0].execute_config is not None
+    assert chain.tasks[0].execute_config.models == ["gpt-4o", "llama3"]
+    assert chain.tasks[0].transition.branches[0].operator == "default"
+
+
+def test_load_json_text_and_dict() -> None:
+    data = parse_chain_text(YAML_CHAIN)
+    text = json.dumps(data)
+    assert load_chain(text) == load_chain(data) == load_chain(YAML_CHAIN)
+
+
+def test_load_file_by_extension(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "chain.yml"
+    yaml_file.write_text(YAML_CHAIN)
+    json_file = tmp_path / "chain.json"
+    json_file.write_text(json.dumps(parse_chain_text(YAML_CHAIN), indent=2))
+    assert load_chain_file(yaml_file) == load_chain_file(json_file) == load_chain(json_file)
+
+
+def test_brace_without_extension_falls_back_to_yaml_flow_mapping() -> None:
+    data = parse_chain_text("{id: flow, tasks: [{id: a, handler: noop}]}")
+    assert data["id"] == "flow"
+
+
+def test_seed_style_json_strings_and_single_branch_object() -> None:
+    # The example task of seed 003 (taskengine_TaskDefinition), verbatim in shape.
+    seed_task = {
+        "compose": {"strategy": "override", "with_var": "input"},
+        "description": "Validates user input meets quality requirements",
+        "execute_config": {
+            "hide_tools": '["tool1", "hook_name1.tool1"]',
+            "hooks": '["slack_notification", "email_notification"]',
+            "model": "mistral:instruct",
+            "models": '["gpt-4", "gpt-3.5-turbo"]',
+            "pass_clients_tools": True,
+            "provider": "ollama",
+            "providers": '["ollama", "openai"]',
+            "temperature": 0.7,
+        },
+        "handler": "condition_key",
+        "hook": {
+            "args": '{"channel": "#alerts", "message": "Task completed successfully"}',
+            "name": "slack",
+            "tool_name": "send_slack_notification",
+        },
+        "id": "validate_input",
+        "input_var": "input",
+        "output_template": "Hook result: {{.status}}",
+        "print": "Validation result: {{.validate_input}}",
+        "prompt_template": "Is this input valid? {{.input}}",
+        "retry_on_failure": 2,
+        "system_instruction": "You are a quality control assistant.",
+        "timeout": "30s",
+        "transition": {
+            "branches": {"goto": "positive_response", "operator": "equals", "when": "yes"},
+            "on_failure": "error_handler",
+        },
+        "valid_conditions": '{"valid": true, "invalid": true}',
+    }
+    chain = load_chain(
+        json.dumps(
+            {
+                "id": "seed",
+                "debug": True,
+                "token_limit": 0,
+                "tasks": [seed_task, task("positive_response"), task("error_handler")],
+            }
+        )
+    )
+    first = chain.tasks[0]
+    assert first.execute_config is not None
+    assert first.execute_config.hooks == ["slack_notification", "email_notification"]
+    assert first.execute_config.models == ["gpt-4", "gpt-3.5-turbo"]
+    assert first.execute_config.hide_tools == ["tool1", "hook_name1.tool1"]
+    assert first.hook is not None and first.hook.args["channel"] == "#alerts"
+    assert first.valid_conditions == {"valid": True, "invalid": True}
+    assert [b.goto for b in first.transition.branches] == ["positive_response"]
+
+
+def test_yaml_scalars_stay_text() -> None:
+    data = parse_chain_text(
+        "a: yes\nb: no\nc: on\nd: true\ne: False\nf: 2024-01-01\ng: 5\nh: 0.5\n"
+    )
+    assert data == {
+        "a": "yes",
+        "b": "no",
+        "c": "on",
+        "d": True,
+        "e": False,
+        "f": "2024-01-01",
+        "g": 5,
+        "h": 0.5,
+    }
+    chain = load_chain(
+        """
+id: when-values
+tasks:
+  - id: a
+    handler: noop
+    transition:
+      branches:
+        - {operator: equals, when: yes, goto: end}
+        - {operator: equals, when: true, goto: end}
+        - {operator: gt, when: 5, goto: end}
+"""
+    )
+    assert [b.when for b in chain.tasks[0].transition.branches] == ["yes", "true", "5"]
+
+
+@pytest.mark.parametrize(
+    ("text", "filename", "expected"),
+    [
+        ("id: a\ntasks: [\n  {id: x\n", "bad.yaml", "line "),
+        ("id: a\n  tasks: 1\n", "", "line 2, column 8: invalid YAML"),
+        ('{"id": "a",\n "tasks": [}', "bad.json", "bad.json: line 2, column 12: invalid JSON"),
+        ('{"id": "a" "tasks": []}', "", "line 1, column 12: invalid JSON: Expecting ','"),
+    ],
+)
+def test_syntax_errors_carry_line_numbers(text: str, filename: str, expected: str) -> None:
+    with pytest.raises(ChainError) as info:
+        parse_chain_text(text, filename)
+    assert expected in str(info.value)
+    assert info.value.problems[0].pointer == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "filename"), [("id: a\nid: b\n", "x.yaml"), ('{"id": "a", "id": "b"}', "x.json")]
+)
+def test_duplicate_keys_are_rejected(text: str, filename: str) -> None:
+    with pytest.raises(ChainError, match="duplicate key 'id'"):
+        parse_chain_text(text, filename)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ("# only a comment\n", "empty"),
+        ("- a\n- b\n", "got list"),
+        ("chains/examples/sentiment-router.yaml", "pass a pathlib.Path"),
+    ],
+)
+def test_non_mapping_documents(text: str, message: str) -> None:
+    with pytest.raises(ChainError, match=message):
+        load_chain(text)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ChainError, match="cannot read"):
+        load_chain_file(tmp_path / "missing.yaml")
+
+
+# --- schema errors as pointers --------------------------------------------------------------
+
+
+def test_json_pointer_escaping() -> None:
+    assert json_pointer(("tasks", 0, "transition")) == "/tasks/0/transition"
+    assert json_pointer(("a/b", "c~d")) == "/a~1b/c~0d"
+    assert json_pointer(()) == ""
+
+
+def test_schema_errors_have_pointers_and_messages() -> None:
+    data = {
+        "id": "bad",
+        "tasks": [
+            {
+                "id": "a",
+                "handler": "noop",
+                "promt_template": "x",
+                "timeout": "soon",
+                "transition": {"branches": [{"operator": "bigger", "goto": "end"}]},
+            },
+            {"id": "b"},
+            {"id": "bad id", "handler": "noop", "execute_config": {"temperature": 3}},
+        ],
+    }
+    with pytest.raises(ChainError) as info:
+        load_chain(data)
+    problems = {p.pointer: p.message for p in info.value.problems}
+    assert "did you mean 'prompt_template'" in problems["/tasks/0/promt_template"]
+    assert problems["/tasks/0/promt_template"].startswith("unknown field 'promt_template'")
+    assert '"soon"' in problems["/tasks/0/timeout"]
+    assert "'equals'" in problems["/tasks/0/transition/branches/0/operator"]
+    assert '"bigger"' in problems["/tasks/0/transition/branches/0/operator"]
+    assert problems["/tasks/1/handler"] == "missing required field 'handler'"
+    assert "/tasks/2/id" in problems
+    assert "/tasks/2/execute_config/temperature" in problems
+    text = str(info.value)
+    assert "/tasks/1/handler: missing required field 'handler'" in text.splitlines()
+
+
+def test_single_branch_object_error_pointer() -> None:
+    data = {
+        "id": "x",
+        "tasks": [{"id": "a", "handler": "noop", "transition": {"branches": {"got": "end"}}}],
+    }
+    with pytest.raises(ChainError) as info:
+        validate_chain(data)
+    [problem] = info.value.problems
+    assert problem.pointer == "/tasks/0/transition/branches/0/got"
+    assert "did you mean 'goto'" in problem.message
+
+
+def test_missing_tasks() -> None:
+    with pytest.raises(ChainError) as info:
+        load_chain({"id": "x"})
+    assert [p.pointer for p in info.value.problems] == ["/tasks"]
+
+
+# --- lint rules -----------------------------------------------------------------------------
+
+
+def test_clean_chain_has_no_problems() -> None:
+    assert lint(task("a", "noop", goto("b")), task("b", "noop")) == []
+
+
+def test_duplicate_task_ids() -> None:
+    problems = lint(task("a", "noop", goto("a2")), task("a2"), task("a2"))
+    [problem] = at(problems, "/tasks/2/id")
+    assert "duplicate task id 'a2'" in problem.message and problem.severity == "error"
+    assert not at(lint(task("a", "noop", goto("b")), task("b")), "/tasks/1/id")
+
+
+def test_unknown_handler_suggests() -> None:
+    [problem] = lint(task("a", "promt_to_string", prompt_template="x"))
+    assert problem.pointer == "/tasks/0/handler"
+    assert "unknown handler 'promt_to_string'; did you mean 'prompt_to_string'?" in problem.message
+    [other] = lint(task("a", "frobnicate"))
+    assert "did you mean" not in other.message
+    # Older contenox names are handlers too.
+    assert lint(task("a", "raw_string", prompt_template="x")) == []
+
+
+def test_unknown_goto_target() -> None:
+    problems = lint(task("a", "noop", goto("b", "equals", "x"), goto("nowhere")), task("b"))
+    [problem] = problems
+    assert problem.pointer == "/tasks/0/transition/branches/1/goto"
+    assert "goto target 'nowhere' is not a task of this chain (nor 'end')" in problem.message
+    assert lint(task("a", "noop", goto("end", "equals", "x"), goto(""))) == []
+
+
+def test_unknown_on_failure_target() -> None:
+    problems = lint(task("a", "noop", transition={"on_failure": "handler"}), task("handle"))
+    [problem] = at(problems, "/tasks/0/transition/on_failure")
+    assert "goto target 'handler' is not a task of this chain (nor 'end')" in problem.message
+    assert "did you mean 'handle'" in problem.message
+
+
+def test_unreachable_tasks() -> None:
+    # A task with no branches ends the chain: there is no fall-through to the next task.
+    problems = lint(task("a"), task("b"))
+    [problem] = problems
+    assert problem.pointer == "/tasks/1" and "'b' is unreachable" in problem.message
+    # Reachable through on_failure and branch gotos.
+    assert (
+        lint(
+            task("a", "noop", goto("b"), transition={"on_failure": "c"}),
+            task("b"),
+            task("c"),
+        )
+        == []
+    )
+
+
+def test_loop_without_exit() -> None:
+    problems = lint(
+        task("start", "noop", goto("ask")),
+        task("ask", "noop", goto("check")),
+        task("check", "noop", goto("ask", "equals", "again"), goto("ask")),
+    )
+    [problem] = problems
+    assert problem.severity == "error"
+    assert problem.pointer == "/tasks/1/transition"
+    assert "loop with no exit" in problem.message
+    assert "'ask', 'check'" in problem.message and "'start'" not in problem.message
+
+
+def test_self_loop_without_exit() -> None:
+    [problem] = lint(task("a", "noop", goto("a")))
+    assert "loop with no exit" in problem.message and "'a'" in problem.message
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        task("check", "noop", goto("ask", "equals", "again"), goto("end")),
+        task("check", "noop", goto("ask"), transition={"on_failure": "end"}),
+        task("check", "noop", goto("ask", "equals", "again"), goto("done")),
+    ],
+)
+def test_loop_with_an_exit_is_fine(check: dict[str, Any]) -> None:
+    tasks = [task("ask", "noop", goto("check")), check, task("done")]
+    if check["transition"]["branches"][-1]["goto"] != "done":
+        tasks.pop()
+    assert lint(*tasks) == []
+
+
+def test_condition_needs_valid_conditions() -> None:
+    for handler in ("prompt_to_condition", "condition_key"):
+        [problem] = lint(task("a", handler, prompt_template="ok?"))
+        assert problem.pointer == "/tasks/0/valid_conditions" and problem.severity == "error"
+    assert (
+        lint(task("a", "condition_key", prompt_template="ok?", valid_conditions={"yes": True}))
+        == []
+    )
+
+
+def test_prompt_handlers_need_prompt_template() -> None:
+    for handler in ("prompt_to_string", "prompt_to_int", "parse_number", "prompt_to_range"):
+        [problem] = lint(task("a", handler))
+        assert problem.pointer == "/tasks/0/prompt_template"
+        assert f"handler '{handler}' needs a prompt_template" in problem.message
+    # Chat and embedding handlers work on their input.
+    for handler in ("chat_completion", "model_execution", "text_to_embedding", "embedding"):
+        assert lint(task("a", handler)) == []
+
+
+def test_hook_and_js_need_hook_name() -> None:
+    for handler in ("hook", "js"):
+        [problem] = lint(task("a", handler))
+        assert problem.pointer == "/tasks/0/hook" and "needs hook.name" in problem.message
+        assert lint(task("a", handler, hook={"name": "fn"})) == []
+
+
+def test_known_hooks() -> None:
+    chain = (
+        task("a", "hook", goto("b"), hook={"name": "slak"}),
+        task("b", "chat_completion", execute_config={"hooks": ["search", "mail", "*"]}),
+    )
+    assert lint(*chain) == []  # no registry: nothing to check against
+    problems = lint(*chain, known_hooks={"slack", "search"})
+    assert {p.pointer for p in problems} == {
+        "/tasks/0/hook/name",
+        "/tasks/1/execute_config/hooks/1",
+    }
+    assert all(p.severity == "error" for p in problems)
+    assert "did you mean 'slack'" in at(problems, "/tasks/0/hook/name")[0].message
+    assert lint(*chain, known_hooks={"slak", "search", "mail"}) == []
+
+
+def test_known_models_warn() -> None:
+    chain = task(
+        "a", "chat_completion", execute_config={"model": "gpt-4o-mni", "models": ["llama3"]}
+    )
+    assert lint(chain) == []
+    problems = lint(chain, known_models={"gpt-4o-mini"})
+    assert [p.pointer for p in problems] == [
+        "/tasks/0/execute_config/model",
+        "/tasks/0/execute_config/models/0",
+    ]
+    assert all(p.severity == "warning" for p in problems)
+    assert "did you mean 'gpt-4o-mini'" in problems[0].message
+    assert lint(chain, known_models={"gpt-4o-mni", "llama3"}) == []
+    # Warnings do not block loading.
+    load_chain({"id": "x", "tasks": [chain]}, known_models={"gpt-4o-mini"})
+
+
+@pytest.mark.parametrize(
+    ("operator", "when", "ok"),
+    [
+        ("gt", "5", True),
+        ("lt", "-2.5", True),
+        ("gt", "five", False),
+        ("lt", "", False),
+        ("in_range", "1-5", True),
+        ("in_range", "-3--1", True),
+        ("in_range", "5", False),
+        ("in_range", "low-high", False),
+        ("equals", "anything", True),
+    ],
+)
+def test_numeric_operators_need_numbers(operator: str, when: str, ok: bool) -> None:
+    problems = lint(task("a", "noop", goto("end", operator, when), goto("end")))
+    if ok:
+        assert problems == []
+    else:
+        [problem] = problems
+        assert problem.pointer == "/tasks/0/transition/branches/0/when"
+        assert problem.severity == "error" and operator in problem.message
+
+
+def test_default_branches() -> None:
+    problems = lint(task("a", "noop", goto("end"), goto("end", "equals", "x"), goto("end")))
+    assert [(p.pointer, p.severity) for p in problems] == [
+        ("/tasks/0/transition/branches/1", "warning"),
+        ("/tasks/0/transition/branches/2/operator", "error"),
+    ]
+    assert "unreachable branch" in problems[0].message
+    assert "more than one 'default' branch" in problems[1].message
+
+
+def test_compose_with_var_and_input_var() -> None:
+    problems = lint(
+        task("a", "noop", goto("b"), input_var="inptu"),
+        task("b", "noop", compose={"with_var": "c", "strategy": "override"}),
+    )
+    assert {p.pointer for p in errors(problems)} == {
+        "/tasks/0/input_var",
+        "/tasks/1/compose/with_var",
+    }
+    assert "did you mean 'input'" in at(problems, "/tasks/0/input_var")[0].message
+    assert (
+        lint(
+            task("a", "noop", goto("b"), input_var="input"),
+            task("b", "noop", input_var="a", compose={"with_var": "input"}),
+        )
+        == []
+    )
+
+
+def test_template_compile_errors() -> None:
+    problems = lint(task("a", "prompt_to_string", prompt_template="Hello {{ input "))
+    [problem] = problems
+    assert problem.pointer == "/tasks/0/prompt_template" and problem.severity == "error"
+    assert "does not compile" in problem.message and "line 1" in problem.message
+    [bad_print] = lint(task("a", "noop", print="{% if input %}x"))
+    assert bad_print.pointer == "/tasks/0/print"
+
+
+def test_template_unknown_variables_warn() -> None:
+    problems = lint(
+        task(
+            "first",
+            "prompt_to_string",
+            goto("second"),
+            prompt_template="{{ input }} {{ inptu }} {{ range(3) | list }}",
+        ),
+        task(
+            "second",
+            "prompt_to_string",
+            prompt_template="{{.first}} {{ previous_output }} {{ error }} {% for x in [1] %}"
+            "{{ loop.index }}{{ x }}{% endfor %}",
+            print="{{ second }}",
+            output_template="{{ status }}",  # hook output fields: not checked
+        ),
+    )
+    [problem] = problems
+    assert problem.severity == "warning" and problem.pointer == "/tasks/0/prompt_template"
+    assert "'inptu'" in problem.message and "did you mean 'input'" in problem.message
+
+
+def test_load_chain_raises_only_for_errors() -> None:
+    bad = {"id": "x", "tasks": [task("a", "noop", goto("missing"), print="{{ nope }}")]}
+    with pytest.raises(ChainError) as info:
+        load_chain(bad)
+    assert [p.pointer for p in info.value.problems] == ["/tasks/0/transition/branches/0/goto"]
+    assert [p.pointer for p in info.value.warnings] == ["/tasks/0/print"]
+    assert str(info.value) == (
+        "/tasks/0/transition/branches/0/goto: "
+        "goto target 'missing' is not a task of this chain (nor 'end')"
+    )
+    chain, problems = check_chain(bad)
+    assert chain is not None and len(problems) == 2
+    warn_only = {"id": "x", "tasks": [task("a", print="{{ nope }}")]}
+    assert load_chain(warn_only).id == "x"
+
+
+# --- shipped examples -----------------------------------------------------------------------
+
+
+def example_files() -> list[Path]:
+    return sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
+
+
+def test_expected_examples_ship() -> None:
+    names = {p.name for p in example_files()}
+    assert {
+        "sentiment-router.yaml",
+        "summarize-and-score.yaml",
+        "approval-gate.yaml",
+        "chat-assistant.yaml",
+        "key-value-extract.json",
+    } <= names
+
+
+@pytest.mark.parametrize("path", example_files(), ids=lambda p: p.name)
+def test_examples_load_and_lint_clean(path: Path) -> None:
+    chain = load_chain_file(path, known_models=MODELS, known_hooks=set())
+    assert chain.id == path.stem
+    _, problems = check_chain(path, known_models=MODELS, known_hooks=set())
+    assert problems == []
+
+
+def test_sentiment_router_shape() -> None:
+    chain = load_chain_file(EXAMPLES / "sentiment-router.yaml")
+    classify = chain.tasks[0]
+    assert classify.handler == "prompt_to_condition"
+    assert set(classify.valid_conditions.values()) == {True, False}
+    assert classify.execute_config is not None and classify.execute_config.model == "gpt-4o-mini"
+    targets = {b.when: b.goto for b in classify.transition.branches}
+    assert {chain.task(t).handler for t in targets.values()} == {"prompt_to_string"}  # type: ignore[union-attr]
+
+
+def test_approval_gate_shape() -> None:
+    chain = load_chain_file(EXAMPLES / "approval-gate.yaml")
+    review = next(t for t in chain.tasks if t.handler == "approval")
+    assert {b.when: b.goto for b in review.transition.branches} == {
+        "approved": "publish",
+        "rejected": "revise",
+    }
+
+
+# --- JSON Schema ----------------------------------------------------------------------------
+
+
+def test_schema_file_is_up_to_date() -> None:
+    assert chain_schema.SCHEMA_PATH.read_text(encoding="utf-8") == chain_schema.render_schema()
+
+
+def test_schema_metadata() -> None:
+    schema = chain_schema.chain_json_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["$id"] == "https://chainloom.dev/schema/chain.json"
+    assert schema["title"]
+    jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def schema_validator() -> jsonschema.Draft202012Validator:
+    schema = json.loads(chain_schema.SCHEMA_PATH.read_text(encoding="utf-8"))
+    return jsonschema.Draft202012Validator(schema)
+
+
+@pytest.mark.parametrize("path", example_files(), ids=lambda p: p.name)
+def test_schema_validates_examples(path: Path) -> None:
+    data = parse_chain_text(path.read_text(encoding="utf-8"), path.name)
+    schema_validator().validate(data)
+
+
+def test_schema_accepts_seed_style_and_rejects_typos() -> None:
+    validator = schema_validator()
+    seed_style = {
+        "id": "s",
+        "tasks": [
+            {
+                "id": "a",
+                "handler": "condition_key",
+                "valid_conditions": '{"yes": true}',
+                "execute_config": {"models": '["a", "b"]', "hooks": "[]"},
+                "transition": {"branches": {"operator": "gt", "when": 5, "goto": "end"}},
+            }
+        ],
+    }
+    validator.validate(seed_style)
+    typo = {"id": "s", "tasks": [{"id": "a", "handler": "noop", "promt_template": "x"}]}
+    assert not validator.is_valid(typo)
+
+
+def test_schema_check_command(tmp_path: Path) -> None:
+    target = tmp_path / "schema.json"
+    assert chain_schema.main(["--check", "--path", str(target)]) == 1
+    assert chain_schema.main(["--path", str(target)]) == 0
+    assert chain_schema.main(["--check", "--path", str(target)]) == 0
+    target.write_text(target.read_text().replace("chainloom chain", "stale"))
+    assert chain_schema.main(["--check", "--path", str(target)]) == 1
+
+
+# --- templating -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("go", "jinja"),
+    [
+        ("{{.name}}", "{{ name }}"),
+        ("{{ .a.b }}", "{{ a.b }}"),
+        ("{{.}}", "{{ previous_output }}"),
+        ("{{- .x -}}", "{{- x -}}"),
+        ("{{ .name | upper }}", "{{ name | upper }}"),
+        ("{{ name }} {% if x %}.{% endif %}", "{{ name }} {% if x %}.{% endif %}"),
+        ("{{ '.x' }}", "{{ '.x' }}"),
+    ],
+)
+def test_go_to_jinja(go: str, jinja: str) -> None:
+    assert go_to_jinja(go) == jinja
+
+
+def test_render_go_style_and_jinja() -> None:
+    variables = {"input": "Ada", "previous_output": "prev", "user": {"name": "Lovelace"}}
+    assert render("Hi {{.input}} {{ .user.name }} / {{.}}", variables) == "Hi Ada Lovelace / prev"
+    assert render("{% for c in input %}{{ c | upper }}{% endfor %}", variables) == "ADA"
+    assert render("{{ input }}\n", variables) == "Ada\n"
+
+
+def test_render_values_as_json_text() -> None:
+    variables = {"obj": {"a": 1, "é": [True, None]}, "items": [1, 2], "flag": False, "none": None}
+    assert render("{{ obj }}", variables) == '{"a": 1, "é": [true, null]}'
+    assert render("{{ items }}|{{ flag }}|{{ none }}", variables) == "[1, 2]|false|"
+    assert render("{{ obj.a }} {{ obj | tojson }}", variables) == '1 {"a": 1, "é": [true, null]}'
+    assert render("{{ '<b>' | tojson }}", {}) == '"<b>"'
+
+
+def test_undefined_variable_is_a_readable_error() -> None:
+    with pytest.raises(UndefinedVariableError) as info:
+        render("Hello {{ usr }}", {"user": "x", "input": "y"})
+    assert info.value.variable == "usr"
+    assert "template variable 'usr' is undefined" in str(info.value)
+    assert "available: input, user" in str(info.value)
+    assert isinstance(info.value, TemplateError)
+    assert isinstance(info.value, jinja2.TemplateError)
+    with pytest.raises(UndefinedVariableError, match="has no attribute 'missing'"):
+        render("{{ review.missing }}", {"review": {}})
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__ }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ input.__init__.__globals__ }}",
+        "{{ items.append(3) }}",
+    ],
+)
+def test_sandbox_blocks_unsafe_access(template: str) -> None:
+    items = [1]
+    with pytest.raises(TemplateSecurityError):
+        render(template, {"input": "x", "items": items})
+    assert items == [1]
+
+
+def test_render_errors_are_template_errors() -> None:
+    with pytest.raises(TemplateCompileError) as info:
+        render("a\n{{ x ", {"x": 1})
+    assert info.value.lineno == 2
+    with pytest.raises(TemplateError, match="ZeroDivisionError"):
+        render("{{ 1 / 0 }}", {})
+    # Non-deterministic helpers are removed: the module runs inside workflows.
+    with pytest.raises(TemplateCompileError):
+        compile_template("{{ [1, 2] | random }}")
+    with pytest.raises(UndefinedVariableError):
+        render("{{ lipsum() }}", {})
+
+
+def test_compile_template_is_cached() -> None:
+    assert compile_template("cached {{ x }}") is compile_template("cached {{ x }}")
+    assert compile_template.cache_info().maxsize == 512
+
+
+def test_template_variables() -> None:
+    assert template_variables("{{.input}} {{ a.b }} {% set c = 1 %}{{ c }}") == {"input", "a"}
+    with pytest.raises(TemplateCompileError):
+        template_variables("{{ }")
