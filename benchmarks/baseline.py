@@ -5,7 +5,7 @@ completion per step, each prompt built from the previous answer, same activity o
 nothing else: no chain definition to validate, no templating, no routing, no per-step state.
 
 This module is re-imported by the workflow sandbox for every run, like ``workflows/chain.py``,
-so it imports nothing heavy: the activity lives in ``benchmarks.harness``.
+so it imports nothing heavy: the activity lives in ``benchmarks.chain_overhead``.
 """
 
 from dataclasses import dataclass

@@ -226,7 +226,7 @@ class _Linter:
                 )
             if task.execute_config is not None:
                 for k, name in enumerate(task.execute_config.hooks):
-                    if name != "*" and name not in hooks:
+                    if name not in hooks:
                         self.error(
                             f"{base}/execute_config/hooks/{k}",
                             f"unknown hook '{name}'{_suggest(name, hooks)}",
