@@ -18,28 +18,26 @@ errors = Console(stderr=True)
 
 @app.command()
 def lint(files: Annotated[list[Path], typer.Argument(help="Chain files (YAML or JSON).")]) -> None:
-    """Check chain files; exits 1 when any has an error."""
-    from chains.loader import ChainError, load_chain_file
+    """Check chain files; prints errors and warnings, exits 1 when any file has an error."""
+    from chains.loader import check_chain
 
     failed = False
     for path in files:
-        try:
-            load_chain_file(path)
-        except ChainError as err:
-            for problem in err.problems:
-                severity = getattr(problem, "severity", "error")
-                failed = failed or severity == "error"
-                color = "red" if severity == "error" else "yellow"
-                console.print(
-                    f"{path}: [{color}]{severity}[/{color}] {problem.pointer}: {problem.message}",
-                    highlight=False,
-                )
-            continue
-        except OSError as err:
+        if not path.is_file():
             failed = True
-            console.print(f"{path}: [red]error[/red] {err}", highlight=False)
+            console.print(f"{path}: [red]error[/red] no such file", highlight=False)
             continue
-        console.print(f"{path}: [green]ok[/green]", highlight=False)
+        _, problems = check_chain(path)
+        for problem in problems:
+            failed = failed or problem.severity == "error"
+            color = "red" if problem.severity == "error" else "yellow"
+            console.print(
+                f"{path}: [{color}]{problem.severity}[/{color}] "
+                f"{problem.pointer or '(root)'}: {problem.message}",
+                highlight=False,
+            )
+        if not any(p.severity == "error" for p in problems):
+            console.print(f"{path}: [green]ok[/green]", highlight=False)
     raise typer.Exit(1 if failed else 0)
 
 
