@@ -3,7 +3,7 @@
 import asyncio
 import hmac
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -100,15 +100,17 @@ def parse_cursor(cursor: str | None) -> datetime | None:
     # RFC3339Nano carries up to nine fraction digits; Python takes six.
     if "." in text:
         head, _, rest = text.partition(".")
-        digits = "".join(ch for ch in rest if ch.isdigit())
+        digits = rest[: len(rest) - len(rest.lstrip("0123456789"))]
         zone = rest[len(digits) :]
         text = f"{head}.{digits[:6]}{zone}"
     try:
-        return datetime.fromisoformat(text)
+        value = datetime.fromisoformat(text)
     except ValueError as err:
         raise APIError(
             400, "invalid_cursor", f"cursor {cursor!r} is not an RFC 3339 timestamp", param="cursor"
         ) from err
+    # Stored times are UTC (SQLite compares them as text): bring every cursor to UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def page_limit(limit: str | None, default: int = 100, maximum: int = 1000) -> int:

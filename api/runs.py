@@ -179,6 +179,9 @@ async def run_view(state: AppState, client: Client, row: RunRow) -> dict[str, An
         try:
             progress = await handle.query("progress", rpc_timeout=timedelta(seconds=5))
             status = progress.get("status", "running")
+            if status in FINAL:
+                # It finished between describe and query; the next read carries the result.
+                status = "running"
             view["state"] = progress.get("state", [])
             view["currentTask"] = progress.get("currentTask") or None
         except RPCError:

@@ -39,7 +39,7 @@ RUNNER = SandboxedWorkflowRunner(
 OPTIONS = RunOptions(llm_max_attempts=2, llm_heartbeat_timeout=5)
 RUN_TIMEOUT = timedelta(seconds=30)
 
-Reply = str | Exception | Callable[[LLMRequest], str]
+Reply = str | LLMResult | Exception | Callable[[LLMRequest], str]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,8 @@ async def env() -> AsyncIterator[WorkflowEnvironment]:
 class MockLLM:
     """Answers `llm_chat` by the first rule whose needle is in the last message.
 
-    A rule's reply is a string, an exception to raise, a function of the request, or a list of
-    those consumed one per call (the last one repeats).
+    A rule's reply is a string, a whole LLMResult, an exception to raise, a function of the
+    request, or a list of those consumed one per call (the last one repeats).
     """
 
     def __init__(self, rules: dict[str, Reply | list[Reply]] | None = None, default: str = "ok"):
@@ -75,7 +75,7 @@ class MockLLM:
         self.requests: list[LLMRequest] = []
         self.embeds: list[EmbedRequest] = []
 
-    def _reply(self, request: LLMRequest) -> str:
+    def _reply(self, request: LLMRequest) -> str | LLMResult:
         last = str(request.messages[-1].get("content") or "") if request.messages else ""
         reply: Reply = self.default
         for needle, replies in self.rules.items():
@@ -91,6 +91,8 @@ class MockLLM:
         async def llm_chat(request: LLMRequest) -> LLMResult:
             self.requests.append(request)
             content = self._reply(request)
+            if isinstance(content, LLMResult):
+                return content
             return LLMResult(
                 content=content,
                 model="mock-model",
@@ -391,7 +393,7 @@ async def test_chat_completion_from_string_then_openai_response(env: WorkflowEnv
 
 
 async def test_chat_completion_continues_history(env: WorkflowEnvironment) -> None:
-    history = {
+    history: dict[str, Any] = {
         "messages": [
             {"role": "system", "content": "Existing system prompt."},
             {"role": "user", "content": "hi"},
@@ -414,6 +416,32 @@ async def test_chat_completion_continues_history(env: WorkflowEnvironment) -> No
     assert result["state"][0]["inputType"] == "chat_history"
     assert result["state"][0]["input"] == "how are you?"
     assert result["state"][0]["taskHandler"] == "model_execution"
+
+
+async def test_chat_completion_tool_calls_in_openai_response(env: WorkflowEnvironment) -> None:
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "weather", "arguments": '{"city": "Oslo"}'},
+    }
+    reply = LLMResult(
+        content="", model="tool-model", backend="b", input_tokens=3, tool_calls=[call]
+    )
+    llm = MockLLM({"weather": reply})
+    definition = chain(
+        task("chat", "chat_completion", transition=goto("respond")),
+        task("respond", "convert_to_openai_chat_response"),
+    )
+    result = await run_chain(env, definition, "weather in Oslo?", llm)
+    assert units(result)["chat"]["output"]["messages"][-1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [call],
+    }
+    choice = result["output"]["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["tool_calls"] == [call]
+    assert result["output"]["model"] == "tool-model"
 
 
 async def test_convert_to_openai_chat_response_needs_history(env: WorkflowEnvironment) -> None:
@@ -692,6 +720,24 @@ async def test_on_failure_after_permanent_llm_error(env: WorkflowEnvironment) ->
     assert len(llm.requests) == 1  # non-retryable: Temporal did not retry the activity
 
 
+async def test_transient_llm_error_is_retried_by_temporal(env: WorkflowEnvironment) -> None:
+    llm = MockLLM({"Summarize": [RuntimeError("connection reset"), "short"]})
+    definition = chain(task("summary", "prompt_to_string", prompt_template="Summarize"))
+    result = await run_chain(env, definition, "x", llm)
+    assert result["output"] == "short"
+    assert result["state"][0]["attempt"] == 1  # the activity retried, not the task
+    assert len(llm.requests) == 2
+
+
+async def test_llm_error_after_max_attempts_fails_task(env: WorkflowEnvironment) -> None:
+    llm = MockLLM({"Summarize": RuntimeError("backend down")})
+    definition = chain(task("summary", "prompt_to_string", prompt_template="Summarize"))
+    message, state = await fail_chain(env, definition, "x", llm)
+    assert message == "task 'summary' (prompt_to_string) failed: backend down"
+    assert state[0]["error"] == {"error": "backend down"}
+    assert len(llm.requests) == OPTIONS.llm_max_attempts
+
+
 async def test_template_error_fails_task(env: WorkflowEnvironment) -> None:
     llm = MockLLM()
     message, _ = await fail_chain(
@@ -804,7 +850,9 @@ async def test_templates_go_style_and_previous_outputs(env: WorkflowEnvironment)
         task(
             "second",
             "prompt_to_string",
-            prompt_template="Summary of {{ .first }} / {{.}} / {{ previous_output }} for {{.input}}",
+            prompt_template=(
+                "Summary of {{ .first }} / {{.}} / {{ previous_output }} for {{.input}}"
+            ),
         ),
     )
     result = await run_chain(env, definition, "ada", llm)

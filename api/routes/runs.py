@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlmodel import col, select
-from temporalio.client import WorkflowFailureError
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
@@ -23,7 +23,7 @@ from api.runs import (
     run_view,
     start_run,
 )
-from core.models import RunRow
+from core.models import RunRow, rfc3339
 from workflows.types import ApprovalDecision
 
 router = APIRouter(tags=["runs"])
@@ -106,7 +106,7 @@ async def _summary(state: Any, client: Any, row: RunRow) -> dict[str, Any]:
             "workflowId": row.workflow_id,
             "chainId": row.chain_id,
             "status": row.status,
-            "createdAt": row.created_at.isoformat(),
+            "createdAt": rfc3339(row.created_at),
         }
     view = await run_view(state, client, row)
     return {k: view[k] for k in ("id", "workflowId", "chainId", "status", "createdAt")}
@@ -151,6 +151,10 @@ async def cancel_run(id: str, state: StateDep, principal: PrincipalDep) -> dict[
     client = await state.temporal.get()
     handle = client.get_workflow_handle(row.workflow_id)
     try:
+        # Temporal accepts a cancel request for a closed workflow without complaint.
+        desc = await handle.describe(rpc_timeout=timedelta(seconds=10))
+        if desc.status != WorkflowExecutionStatus.RUNNING:
+            raise APIError(409, "run_not_running", f"run {id!r} has already finished")
         await handle.cancel(rpc_timeout=timedelta(seconds=10))
     except RPCError as err:
         raise _closed(err, id) from err
