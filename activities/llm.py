@@ -1,12 +1,14 @@
 """LLM activities: the only place a model is called.
 
 Routing happens here, at call time, so a backend added or fixed after a run started is used
-by the run's next call. A transient failure moves to the next backend serving the model in
-the same attempt; when none is left, the activity fails retryably and Temporal tries again.
+by the run's calls within CHAINLOOM_BACKEND_MODELS_TTL. A transient failure moves to the next
+backend serving the model in the same attempt; when none is left, the activity fails
+retryably and Temporal tries again.
 """
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -35,6 +37,9 @@ class LLMActivities:
         self._clients = clients
         self._default_model = default_model
         self._models_ttl = models_ttl
+        # Reading the backend table on every call cost ~2 ms a step (benchmarks); the list
+        # changes rarely, so it is kept as long as the backends' model lists.
+        self._backends: dict[str, tuple[float, list[BackendRef]]] = {}
 
     @activity.defn(name="llm_chat")
     async def chat(self, req: LLMRequest) -> LLMResult:
@@ -75,7 +80,7 @@ class LLMActivities:
                 non_retryable=True,
             )
         allowed = {p for p in [choice.provider, *choice.providers] if p}
-        backends = await asyncio.to_thread(backend_refs, self._db, tenant_id)
+        backends = await self._tenant_backends(tenant_id)
         if allowed:
             backends = [b for b in backends if b.type in allowed]
         listings: dict[str, list[str]] = {}
@@ -92,6 +97,14 @@ class LLMActivities:
             if any(same_model(model, served) for served in listings.get(backend.id, []))
         ]
         return found, unreachable
+
+    async def _tenant_backends(self, tenant_id: str) -> list[BackendRef]:
+        cached = self._backends.get(tenant_id)
+        if cached and time.monotonic() - cached[0] < self._models_ttl:
+            return cached[1]
+        backends = await asyncio.to_thread(backend_refs, self._db, tenant_id)
+        self._backends[tenant_id] = (time.monotonic(), backends)
+        return backends
 
     async def _route(
         self,
@@ -126,6 +139,7 @@ class LLMActivities:
                 if not err.transient:
                     raise ApplicationError(str(err), type=PERMANENT, non_retryable=True) from err
                 self._clients.forget(backend.id)
+                self._backends.pop(tenant_id, None)
                 errors.append(str(err))
                 activity.logger.warning("failing over from %s: %s", backend.name, err)
         raise ApplicationError("; ".join(errors), type="BackendUnavailable")

@@ -55,6 +55,10 @@ def dev(
         "TEMPORAL_ADDRESS": f"127.0.0.1:{temporal_port}",
     }
     env.setdefault("DATABASE_URL", f"sqlite:///{data_dir / 'chainloom.db'}")
+    from core.db import Database
+
+    # Migrate once here, so the worker and the API do not race to create the schema.
+    Database(env["DATABASE_URL"]).migrate()
     stopping = False
 
     def request_stop(*_: object) -> None:

@@ -1008,7 +1008,10 @@ def main(argv: list[str] | None = None) -> None:
     config = uvicorn.Config(
         llm.app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after a clean shutdown
+        pass
 
 
 if __name__ == "__main__":

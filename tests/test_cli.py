@@ -97,12 +97,15 @@ def test_dev_serves_health_ui_and_api_then_stops_on_sigterm(tmp_path: Path) -> N
     try:
         started = time.monotonic()
         key = ""
+        seen: list[str] = []
         assert proc.stdout is not None
         for line in proc.stdout:
+            seen.append(line)
             if "API key" in line:
                 key = line.split()[-1]
                 break
-        assert key, "dev never printed the API key"
+        log = tmp_path / "data" / "temporal.log"
+        assert key, "".join(seen) + (log.read_text() if log.exists() else "")
         assert time.monotonic() - started < 60
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/health").json() == {"status": "ok"}
