@@ -22,6 +22,17 @@ class Settings(BaseSettings):
     # Used by tasks whose execute_config names no model.
     default_model: str = Field("", alias="CHAINLOOM_DEFAULT_MODEL")
 
+    # Fernet key(s) for provider API keys at rest; generated into the data dir when unset.
+    secret_key: str = Field("", alias="CHAINLOOM_SECRET_KEY")
+    # With groups enabled, only backends and models sharing an affinity group are routed to.
+    groups_enabled: bool = Field(False, alias="CHAINLOOM_GROUPS_ENABLED")
+    # A backend that fails transiently is skipped by routing for this long.
+    backend_down_seconds: float = Field(30.0, alias="CHAINLOOM_BACKEND_DOWN_SECONDS")
+    # How often the state-sync schedule refreshes every backend's health and models.
+    sync_interval: float = Field(60.0, alias="CHAINLOOM_SYNC_INTERVAL")
+    # State sync deletes models it did not pull only when this is on.
+    sync_delete_undeclared: bool = Field(False, alias="CHAINLOOM_SYNC_DELETE_UNDECLARED")
+
     # How long POST /tasks waits for a run before answering 202 with the run id.
     tasks_wait_timeout: float = Field(600.0, alias="CHAINLOOM_TASKS_WAIT_TIMEOUT")
     # Transient LLM failures (lost worker, network, 408/409/429/5xx) are retried by Temporal

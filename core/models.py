@@ -83,3 +83,71 @@ class RunRow(SQLModel, table=True):
     finished_at: datetime | None = Field(
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
     )
+
+
+class AffinityGroupRow(SQLModel, table=True):
+    __tablename__ = "affinity_group"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_group_tenant_name"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    tenant_id: str = Field(index=True, max_length=64)
+    name: str = Field(max_length=200)
+    purpose_type: str = Field(default="", max_length=200, index=True)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class GroupBackendRow(SQLModel, table=True):
+    """A backend's membership in an affinity group."""
+
+    __tablename__ = "group_backend"
+
+    group_id: str = Field(primary_key=True, max_length=64)
+    backend_id: str = Field(primary_key=True, max_length=64, index=True)
+    tenant_id: str = Field(max_length=64, index=True)
+    created_at: datetime = _ts()
+
+
+class GroupModelRow(SQLModel, table=True):
+    """A model's membership in an affinity group."""
+
+    __tablename__ = "group_model"
+
+    group_id: str = Field(primary_key=True, max_length=64)
+    model_id: str = Field(primary_key=True, max_length=64, index=True)
+    tenant_id: str = Field(max_length=64, index=True)
+    created_at: datetime = _ts()
+
+
+class ProviderConfigRow(SQLModel, table=True):
+    """A hosted provider's API key (OpenAI, Gemini, ...), encrypted at rest."""
+
+    __tablename__ = "provider_config"
+
+    tenant_id: str = Field(primary_key=True, max_length=64)
+    type: str = Field(primary_key=True, max_length=32)
+    api_key_encrypted: str = Field(max_length=4000)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class BackendStateRow(SQLModel, table=True):
+    """What chainloom last saw of a backend: health (for routing) and its model list."""
+
+    __tablename__ = "backend_state"
+
+    backend_id: str = Field(primary_key=True, max_length=64)
+    tenant_id: str = Field(max_length=64, index=True)
+    healthy: bool = True
+    failures: int = 0
+    last_error: str = ""
+    down_until: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    models: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    pulled_models: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
+    checked_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
