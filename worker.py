@@ -9,15 +9,19 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.llm import LLMActivities, all_activities
+from activities.sync import SyncActivities
 from core.config import Settings, get_settings
 from core.db import Database
 from core.providers import ProviderClients
+from core.schedules import ensure_state_sync
+from core.secrets import SecretBox
 from core.temporal import connect, ensure_search_attributes
 from workflows.chain import ChainWorkflow
+from workflows.sync import StateSyncWorkflow
 
 log = logging.getLogger("chainloom.worker")
 
-WORKFLOWS = [ChainWorkflow]
+WORKFLOWS = [ChainWorkflow, StateSyncWorkflow]
 
 # Modules the workflow sandbox may share instead of re-importing per run: they are
 # deterministic, and re-importing pydantic/jinja2 for every run costs hundreds of ms.
@@ -34,14 +38,24 @@ def build_worker(
     llm = LLMActivities(
         db,
         clients or ProviderClients(timeout=settings.llm_timeout),
+        secrets=SecretBox.from_settings(settings),
         default_model=settings.default_model,
         models_ttl=settings.backend_models_ttl,
+        groups_enabled=settings.groups_enabled,
+        down_seconds=settings.backend_down_seconds,
+    )
+    sync = SyncActivities(
+        db,
+        ProviderClients(timeout=10.0),
+        task_queue=task_queue or settings.task_queue,
+        down_seconds=settings.backend_down_seconds,
+        delete_undeclared=settings.sync_delete_undeclared,
     )
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,
         workflows=WORKFLOWS,
-        activities=all_activities(llm),
+        activities=[*all_activities(llm), sync.sync_backends],
         workflow_runner=SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
         ),
@@ -53,6 +67,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     db.migrate()
     client = await connect(settings)
     await ensure_search_attributes(client)
+    await ensure_state_sync(client, settings)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,15 +1,19 @@
 """LLM activities: the only place a model is called.
 
-Routing happens here, at call time, so a backend added or fixed after a run started is used
-by the run's calls within CHAINLOOM_BACKEND_MODELS_TTL. A transient failure moves to the next
-backend serving the model in the same attempt; when none is left, the activity fails
-retryably and Temporal tries again.
+Routing happens here, at call time, so backends added, fixed or marked down after a run
+started are taken into account by the run's next call (within CHAINLOOM_BACKEND_MODELS_TTL).
+Order of preference: the task's model, then its `models` fallbacks, then the default model;
+for each, the backends serving it (narrowed by provider, and by affinity group when groups
+are enabled). Backends marked down come last. A transient failure marks the backend down and
+moves to the next candidate in the same attempt; when none is left the activity fails
+retryably and Temporal tries again later.
 """
 
 import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from temporalio import activity
@@ -17,11 +21,31 @@ from temporalio.exceptions import ApplicationError
 
 from core.backends import backend_refs
 from core.db import Database
+from core.health import Health, group_pairs, load_health, mark_down, mark_up
+from core.models import utcnow
 from core.providers import BackendRef, ProviderClients, ProviderError, same_model
+from core.secrets import SecretBox
 from workflows.types import EmbedRequest, EmbedResult, LLMRequest, LLMResult, ModelChoice
 
 PERMANENT = "PermanentLLMError"
 T = TypeVar("T")
+
+
+@dataclass
+class Candidate:
+    backend: BackendRef
+    model: str
+    down: bool
+
+
+@dataclass
+class _TenantView:
+    """What routing needs of a tenant, read in one go and kept for a short while."""
+
+    fetched: float
+    backends: list[BackendRef]
+    health: dict[str, Health]
+    pairs: set[tuple[str, str]] | None
 
 
 class LLMActivities:
@@ -30,16 +54,21 @@ class LLMActivities:
         db: Database,
         clients: ProviderClients,
         *,
+        secrets: SecretBox | None = None,
         default_model: str = "",
         models_ttl: float = 30.0,
+        groups_enabled: bool = False,
+        down_seconds: float = 30.0,
     ) -> None:
         self._db = db
         self._clients = clients
+        self._secrets = secrets
         self._default_model = default_model
         self._models_ttl = models_ttl
-        # Reading the backend table on every call cost ~2 ms a step (benchmarks); the list
-        # changes rarely, so it is kept as long as the backends' model lists.
-        self._backends: dict[str, tuple[float, list[BackendRef]]] = {}
+        self._groups_enabled = groups_enabled
+        self._down_seconds = down_seconds
+        # Reading the tables on every call cost ~2 ms a step (benchmarks); they change rarely.
+        self._views: dict[str, _TenantView] = {}
 
     @activity.defn(name="llm_chat")
     async def chat(self, req: LLMRequest) -> LLMResult:
@@ -56,7 +85,9 @@ class LLMActivities:
                 tool_calls=answer.tool_calls,
             )
 
-        return await _with_heartbeat(self._route(req.tenant_id, req.choice, call))
+        result, failed = await _with_heartbeat(self._route(req.tenant_id, req.choice, call))
+        result.failed_over = failed
+        return result
 
     @activity.defn(name="llm_embed")
     async def embed(self, req: EmbedRequest) -> EmbedResult:
@@ -64,11 +95,33 @@ class LLMActivities:
             vector = await self._clients.embed(backend, model, req.text)
             return EmbedResult(vector=vector, model=model, backend=backend.name)
 
-        return await _with_heartbeat(self._route(req.tenant_id, req.choice, call))
+        result, failed = await _with_heartbeat(self._route(req.tenant_id, req.choice, call))
+        result.failed_over = failed
+        return result
+
+    def _load_view(self, tenant_id: str) -> _TenantView:
+        backends = backend_refs(self._db, tenant_id)
+        if self._secrets is not None:
+            from core.provider_keys import provider_api_key
+
+            keyed = []
+            for backend in backends:
+                key = provider_api_key(self._db, self._secrets, tenant_id, backend.type)
+                keyed.append(replace(backend, api_key=key) if key else backend)
+            backends = keyed
+        pairs = group_pairs(self._db, tenant_id) if self._groups_enabled else None
+        return _TenantView(time.monotonic(), backends, load_health(self._db, tenant_id), pairs)
+
+    async def _view(self, tenant_id: str) -> _TenantView:
+        view = self._views.get(tenant_id)
+        if view is None or time.monotonic() - view.fetched >= self._models_ttl:
+            view = await asyncio.to_thread(self._load_view, tenant_id)
+            self._views[tenant_id] = view
+        return view
 
     async def candidates(
         self, tenant_id: str, choice: ModelChoice
-    ) -> tuple[list[tuple[BackendRef, str]], list[str]]:
+    ) -> tuple[list[Candidate], list[str]]:
         """Backends able to serve the call, in preference order, and why others were not."""
         models = [m for m in [choice.model, *choice.models] if m] or (
             [self._default_model] if self._default_model else []
@@ -79,39 +132,48 @@ class LLMActivities:
                 type=PERMANENT,
                 non_retryable=True,
             )
+        view = await self._view(tenant_id)
         allowed = {p for p in [choice.provider, *choice.providers] if p}
-        backends = await self._tenant_backends(tenant_id)
-        if allowed:
-            backends = [b for b in backends if b.type in allowed]
+        backends = [b for b in view.backends if not allowed or b.type in allowed]
+        now = utcnow()
         listings: dict[str, list[str]] = {}
         unreachable: list[str] = []
         for backend in backends:
+            health = view.health.get(backend.id, Health())
             try:
                 listings[backend.id] = await self._clients.list_models(backend, self._models_ttl)
             except ProviderError as err:
                 unreachable.append(str(err))
-        found = [
-            (backend, model)
-            for model in models
-            for backend in backends
-            if any(same_model(model, served) for served in listings.get(backend.id, []))
-        ]
-        return found, unreachable
+                # The last list we saw still says what it serves once it comes back.
+                listings[backend.id] = health.models
+                if err.transient and not health.is_down(now):
+                    view.health[backend.id] = await self._mark_down(tenant_id, backend, str(err))
+        up: list[Candidate] = []
+        down: list[Candidate] = []
+        for model in models:
+            for backend in backends:
+                if view.pairs is not None and not any(
+                    b == backend.id and same_model(m, model) for b, m in view.pairs
+                ):
+                    continue
+                if any(same_model(model, served) for served in listings.get(backend.id, [])):
+                    is_down = view.health.get(backend.id, Health()).is_down(now)
+                    (down if is_down else up).append(Candidate(backend, model, is_down))
+        return up + down, unreachable
 
-    async def _tenant_backends(self, tenant_id: str) -> list[BackendRef]:
-        cached = self._backends.get(tenant_id)
-        if cached and time.monotonic() - cached[0] < self._models_ttl:
-            return cached[1]
-        backends = await asyncio.to_thread(backend_refs, self._db, tenant_id)
-        self._backends[tenant_id] = (time.monotonic(), backends)
-        return backends
+    async def _mark_down(self, tenant_id: str, backend: BackendRef, error: str) -> Health:
+        activity.logger.warning("backend %s marked down: %s", backend.name, error)
+        self._clients.forget(backend.id)
+        return await asyncio.to_thread(
+            mark_down, self._db, tenant_id, backend.id, error, self._down_seconds
+        )
 
     async def _route(
         self,
         tenant_id: str,
         choice: ModelChoice,
         call: Callable[[BackendRef, str], Awaitable[T]],
-    ) -> T:
+    ) -> tuple[T, list[str]]:
         found, unreachable = await self.candidates(tenant_id, choice)
         wanted = ", ".join(m for m in [choice.model, *choice.models] if m) or self._default_model
         if not found:
@@ -121,27 +183,35 @@ class LLMActivities:
                     f"no reachable backend serves {wanted}: " + "; ".join(unreachable),
                     type="BackendUnavailable",
                 )
+            scope = " in a shared affinity group" if self._groups_enabled else ""
+            providers = sorted({choice.provider, *choice.providers} - {""})
+            restrict = f" of type {', '.join(providers)}" if providers else ""
             raise ApplicationError(
-                f"no backend serves model {wanted}"
-                + (
-                    f" (provider {sorted({choice.provider, *choice.providers} - {''})})"
-                    if choice.provider or choice.providers
-                    else ""
-                ),
+                f"no backend{restrict} serves model {wanted}{scope}",
                 type=PERMANENT,
                 non_retryable=True,
             )
+        view = self._views.get(tenant_id)
         errors: list[str] = []
-        for backend, model in found:
+        failed: list[str] = []
+        for candidate in found:
+            backend = candidate.backend
             try:
-                return await call(backend, model)
+                result = await call(backend, candidate.model)
             except ProviderError as err:
                 if not err.transient:
                     raise ApplicationError(str(err), type=PERMANENT, non_retryable=True) from err
-                self._clients.forget(backend.id)
-                self._backends.pop(tenant_id, None)
                 errors.append(str(err))
-                activity.logger.warning("failing over from %s: %s", backend.name, err)
+                failed.append(backend.name)
+                health = await self._mark_down(tenant_id, backend, str(err))
+                if view is not None:
+                    view.health[backend.id] = health
+                continue
+            if candidate.down or (view and view.health.get(backend.id, Health()).failures):
+                await asyncio.to_thread(mark_up, self._db, tenant_id, backend.id)
+                if view is not None:
+                    view.health[backend.id] = Health()
+            return result, failed
         raise ApplicationError("; ".join(errors), type="BackendUnavailable")
 
 
@@ -184,3 +254,5 @@ async def _with_heartbeat(work: Awaitable[T]) -> T:
 
 def all_activities(obj: LLMActivities) -> list[Callable[..., Any]]:
     return [obj.chat, obj.embed]
+
+

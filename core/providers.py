@@ -12,7 +12,8 @@ import httpx
 import ollama
 import openai
 
-BACKEND_TYPES = ("ollama", "openai", "vllm")
+# gemini is served through its OpenAI-compatible endpoint, like openai and vllm.
+BACKEND_TYPES = ("ollama", "openai", "vllm", "gemini")
 # HTTP statuses worth another try later or on another backend.
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
@@ -94,6 +95,43 @@ class ProviderClients:
             raise classify(err, backend) from err
         self._models[backend.id] = (time.monotonic(), names)
         return names
+
+    async def describe_models(self, backend: BackendRef) -> list[dict[str, Any]]:
+        """Each served model with what the backend tells of it (seed 003 pulledModels)."""
+        try:
+            if backend.type == "ollama":
+                listing = await self._ollama_client(backend).list()
+                described: list[dict[str, Any]] = []
+                for m in listing.models:
+                    d = m.details
+                    described.append(
+                        {
+                            "model": m.model or "",
+                            "name": m.model or "",
+                            "size": m.size or 0,
+                            "digest": m.digest or "",
+                            "modifiedAt": m.modified_at.isoformat() if m.modified_at else None,
+                            "details": {
+                                "family": d.family if d else None,
+                                "format": d.format if d else None,
+                                "parameterSize": d.parameter_size if d else None,
+                                "quantizationLevel": d.quantization_level if d else None,
+                            },
+                        }
+                    )
+            else:
+                page = await self._openai_client(backend).models.list()
+                described = [{"model": m.id, "name": m.id} for m in page.data]
+        except Exception as err:
+            raise classify(err, backend) from err
+        self._models[backend.id] = (time.monotonic(), [str(d["model"]) for d in described])
+        return described
+
+    async def delete_model(self, backend: BackendRef, model: str) -> None:
+        try:
+            await self._ollama_client(backend).delete(model)
+        except Exception as err:
+            raise classify(err, backend) from err
 
     def forget(self, backend_id: str) -> None:
         self._models.pop(backend_id, None)

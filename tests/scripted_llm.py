@@ -1004,6 +1004,8 @@ def main(argv: list[str] | None = None) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     llm.port = sock.getsockname()[1]
+    # Listen before announcing: connections then wait in the backlog until uvicorn accepts.
+    sock.listen(128)
     print(f"scripted LLM listening on {llm.url} (models: {', '.join(models)})", flush=True)
     config = uvicorn.Config(
         llm.app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1

@@ -292,7 +292,10 @@ class ChainWorkflow:
             )
         except ActivityError as err:
             raise TaskFailure(_activity_message(err)) from err
-        return _Outcome(result.vector, "ok", {"model": result.model, "backend": result.backend})
+        meta: dict[str, Any] = {"model": result.model, "backend": result.backend}
+        if result.failed_over:
+            meta["failedOver"] = result.failed_over
+        return _Outcome(result.vector, "ok", meta)
 
     async def _approval(self, task: TaskDefinition) -> _Outcome:
         self._status = "waiting"
@@ -346,12 +349,15 @@ class ChainWorkflow:
 
 
 def _llm_meta(result: LLMResult) -> dict[str, Any]:
-    return {
+    meta: dict[str, Any] = {
         "model": result.model,
         "backend": result.backend,
         "inputTokens": result.input_tokens,
         "outputTokens": result.output_tokens,
     }
+    if result.failed_over:
+        meta["failedOver"] = result.failed_over
+    return meta
 
 
 def _activity_message(err: ActivityError) -> str:

@@ -55,6 +55,8 @@ class LLMResult:
     input_tokens: int = 0
     output_tokens: int = 0
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    # Backends tried first that failed transiently within this attempt.
+    failed_over: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class EmbedResult:
     vector: list[float]
     model: str
     backend: str
+    failed_over: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -23,7 +23,7 @@ class BackendIn(BaseModel):
 
     name: str = Field(..., min_length=1, max_length=200)
     base_url: str = Field(..., alias="baseUrl", max_length=2000)
-    type: Literal["ollama", "openai", "vllm"]
+    type: Literal["ollama", "openai", "vllm", "gemini"]
 
     @field_validator("base_url")
     @classmethod
@@ -49,7 +49,7 @@ class BackendStatus(BackendOut):
     error: str = ""
 
 
-def _out(row: BackendRow) -> dict[str, Any]:
+def backend_json(row: BackendRow) -> dict[str, Any]:
     return {
         "id": row.id,
         "name": row.name,
@@ -70,7 +70,7 @@ def _probe_clients(request: Request) -> ProviderClients:
 
 
 async def _with_status(clients: ProviderClients, row: BackendRow) -> dict[str, Any]:
-    data = _out(row)
+    data = backend_json(row)
     try:
         data["models"] = await clients.list_models(to_ref(row))
         data["error"] = ""
@@ -123,7 +123,7 @@ def create_backend(body: BackendIn, state: StateDep, principal: PrincipalDep) ->
             session.commit()
         except IntegrityError as err:
             raise APIError(409, "already_exists", f"a backend named {body.name!r} exists") from err
-    return _out(row)
+    return backend_json(row)
 
 
 def _load(state: StateDep, tenant_id: str, backend_id: str) -> BackendRow:
@@ -164,7 +164,7 @@ def update_backend(
         except IntegrityError as err:
             raise APIError(409, "already_exists", f"a backend named {body.name!r} exists") from err
     _probe_clients(request).forget(id)
-    return _out(row)
+    return backend_json(row)
 
 
 @router.delete("/backends/{id}", summary="Removes a backend connection.")

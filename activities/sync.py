@@ -1,0 +1,86 @@
+"""The state-sync activity: refresh every backend's health and models, queue missing ones."""
+
+import asyncio
+from typing import Any
+
+from sqlmodel import col, select
+from temporalio import activity
+
+from core.backends import to_ref
+from core.db import Database
+from core.health import mark_down, mark_up
+from core.models import BackendRow, ModelRow
+from core.providers import ProviderClients, ProviderError, same_model
+
+
+class SyncActivities:
+    def __init__(
+        self,
+        db: Database,
+        clients: ProviderClients,
+        *,
+        task_queue: str,
+        down_seconds: float,
+        delete_undeclared: bool = False,
+    ) -> None:
+        self._db = db
+        self._clients = clients
+        self._task_queue = task_queue
+        self._down_seconds = down_seconds
+        self._delete_undeclared = delete_undeclared
+
+    def _load(self) -> tuple[list[BackendRow], dict[str, list[str]]]:
+        with self._db.session() as session:
+            backends = list(session.exec(select(BackendRow).order_by(col(BackendRow.created_at))))
+            declared: dict[str, list[str]] = {}
+            for row in session.exec(select(ModelRow)):
+                declared.setdefault(row.tenant_id, []).append(row.model)
+        return backends, declared
+
+    @activity.defn(name="sync_backends")
+    async def sync_backends(self) -> dict[str, Any]:
+        backends, declared = await asyncio.to_thread(self._load)
+        summary: dict[str, Any] = {
+            "backends": len(backends),
+            "healthy": 0,
+            "queued": [],
+            "deleted": [],
+        }
+
+        async def one(row: BackendRow) -> None:
+            ref = to_ref(row)
+            try:
+                described = await self._clients.describe_models(ref)
+            except ProviderError as err:
+                await asyncio.to_thread(
+                    mark_down, self._db, row.tenant_id, row.id, str(err), self._down_seconds
+                )
+                return
+            names = [d["model"] for d in described]
+            await asyncio.to_thread(mark_up, self._db, row.tenant_id, row.id, names, described)
+            summary["healthy"] += 1
+            if row.type != "ollama":
+                return
+            wanted = declared.get(row.tenant_id, [])
+            for model in wanted:
+                if not any(same_model(model, have) for have in names):
+                    await self._enqueue(row, model)
+                    summary["queued"].append({"backend": row.name, "model": model})
+            if self._delete_undeclared:
+                for have in names:
+                    if not any(same_model(have, model) for model in wanted):
+                        await self._clients.delete_model(ref, have)
+                        summary["deleted"].append({"backend": row.name, "model": have})
+
+        await asyncio.gather(*(one(row) for row in backends))
+        activity.logger.info("state sync: %s", summary)
+        return summary
+
+    async def _enqueue(self, row: BackendRow, model: str) -> None:
+        from core.downloads import enqueue_download
+
+        try:
+            client = activity.client()
+            await enqueue_download(client, self._task_queue, row.tenant_id, row.id, model)
+        except Exception as err:  # a failed enqueue must not stop the health refresh
+            activity.logger.warning("could not queue %s on %s: %s", model, row.name, err)
