@@ -23,6 +23,7 @@ from core.backends import backend_refs
 from core.db import Database
 from core.health import Health, group_pairs, load_health, mark_down, mark_up
 from core.models import utcnow
+from core.provider_keys import provider_api_keys
 from core.providers import BackendRef, ProviderClients, ProviderError, same_model
 from core.secrets import SecretBox
 from workflows.types import EmbedRequest, EmbedResult, LLMRequest, LLMResult, ModelChoice
@@ -102,13 +103,8 @@ class LLMActivities:
     def _load_view(self, tenant_id: str) -> _TenantView:
         backends = backend_refs(self._db, tenant_id)
         if self._secrets is not None:
-            from core.provider_keys import provider_api_key
-
-            keyed = []
-            for backend in backends:
-                key = provider_api_key(self._db, self._secrets, tenant_id, backend.type)
-                keyed.append(replace(backend, api_key=key) if key else backend)
-            backends = keyed
+            keys = provider_api_keys(self._db, self._secrets, tenant_id)
+            backends = [replace(b, api_key=keys[b.type]) if b.type in keys else b for b in backends]
         pairs = group_pairs(self._db, tenant_id) if self._groups_enabled else None
         return _TenantView(time.monotonic(), backends, load_health(self._db, tenant_id), pairs)
 
@@ -254,5 +250,3 @@ async def _with_heartbeat(work: Awaitable[T]) -> T:
 
 def all_activities(obj: LLMActivities) -> list[Callable[..., Any]]:
     return [obj.chat, obj.embed]
-
-

@@ -8,7 +8,17 @@ from temporalio.client import Client
 
 from api import errors
 from api.deps import AppState, TemporalHolder, require_auth
-from api.routes import backends, health, models, runs, state, taskchains
+from api.routes import (
+    affinity,
+    backends,
+    groups,
+    health,
+    models,
+    providers,
+    runs,
+    state,
+    taskchains,
+)
 from core.config import Settings, get_settings
 from core.db import Database
 
@@ -38,7 +48,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     errors.install(app)
     app.include_router(health.router)
     secured = [Depends(require_auth)]
-    for module in (taskchains, runs, backends, models, state):
+    for module in (taskchains, runs, backends, models, state, groups, affinity, providers):
         app.include_router(module.router, dependencies=secured)
     return app
 

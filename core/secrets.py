@@ -4,6 +4,8 @@ The key comes from CHAINLOOM_SECRET_KEY (comma-separated Fernet keys: the first 
 decrypt, so keys can be rotated); without it, one is generated once into the data directory.
 """
 
+import os
+import time
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -22,11 +24,22 @@ class SecretBox:
         if settings.secret_key:
             return cls([k.strip() for k in settings.secret_key.split(",") if k.strip()])
         path = Path(settings.data_dir) / "secret_key"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(Fernet.generate_key().decode() + "\n")
-            path.chmod(0o600)
-        return cls([path.read_text().strip()])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # O_EXCL: when the API and a worker start together, exactly one key is written and
+            # both read that one.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as out:
+                out.write(Fernet.generate_key().decode() + "\n")
+        for _ in range(50):
+            key = path.read_text().strip()
+            if key:
+                return cls([key])
+            time.sleep(0.02)  # the other process is between create and write
+        raise RuntimeError(f"{path} is empty; delete it or set CHAINLOOM_SECRET_KEY")
 
     def encrypt(self, plain: str) -> str:
         return self._fernet.encrypt(plain.encode()).decode()

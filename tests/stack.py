@@ -5,12 +5,14 @@ it; the API is real uvicorn on a loopback port, so tests speak real HTTP.
 """
 
 import asyncio
+import tempfile
 import threading
 import uuid
 from typing import Any
 
 import httpx
 import uvicorn
+from cryptography.fernet import Fernet
 
 from api.main import create_app
 from core.config import Settings
@@ -89,6 +91,7 @@ class Stack:
     """Settings, a worker and the API, sharing one database and a fresh task queue."""
 
     API_KEY = "test-key-" + uuid.uuid4().hex
+    SECRET_KEY = Fernet.generate_key().decode()
 
     def __init__(self, temporal_address: str, database_url: str, **overrides: Any) -> None:
         self.settings = self.settings_for(temporal_address, database_url, **overrides)
@@ -108,6 +111,8 @@ class Stack:
             "CHAINLOOM_TASK_QUEUE": "test-" + uuid.uuid4().hex[:12],
             "CHAINLOOM_LLM_HEARTBEAT_TIMEOUT": 5,
             "CHAINLOOM_BACKEND_MODELS_TTL": 0,
+            "CHAINLOOM_SECRET_KEY": cls.SECRET_KEY,
+            "CHAINLOOM_DATA_DIR": tempfile.mkdtemp(prefix="chainloom-test-"),
             **overrides,
         }
         Database(database_url).migrate()

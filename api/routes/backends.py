@@ -11,8 +11,9 @@ from sqlmodel import col, select
 
 from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
 from api.errors import APIError, not_found
+from api.routes.groups import remove_memberships
 from core.backends import to_ref
-from core.models import BackendRow, rfc3339, utcnow
+from core.models import BackendRow, BackendStateRow, rfc3339, utcnow
 from core.providers import ProviderClients, ProviderError
 
 router = APIRouter(tags=["backends"])
@@ -171,6 +172,10 @@ def update_backend(
 def delete_backend(id: str, state: StateDep, principal: PrincipalDep) -> str:
     row = _load(state, principal.tenant_id, id)
     with state.db.session() as session:
+        remove_memberships(session, backend_id=id)
+        health = session.get(BackendStateRow, id)
+        if health is not None:
+            session.delete(health)
         session.delete(session.merge(row))
         session.commit()
     return "backend removed"

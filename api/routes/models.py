@@ -9,6 +9,7 @@ from sqlmodel import col, select
 
 from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
 from api.errors import APIError, not_found
+from api.routes.groups import remove_memberships
 from core.models import ModelRow, rfc3339, utcnow
 
 router = APIRouter(tags=["models"])
@@ -37,7 +38,7 @@ class ModelOut(BaseModel):
     updatedAt: str
 
 
-def _out(row: ModelRow) -> dict[str, Any]:
+def model_json(row: ModelRow) -> dict[str, Any]:
     return {
         "id": row.id,
         "model": row.model,
@@ -68,7 +69,7 @@ def list_models(
         query = query.where(col(ModelRow.created_at) > after)
     query = query.order_by(col(ModelRow.created_at)).limit(page_limit(limit))
     with state.db.session() as session:
-        return [_out(row) for row in session.exec(query).all()]
+        return [model_json(row) for row in session.exec(query).all()]
 
 
 @router.post(
@@ -87,7 +88,7 @@ def create_model(body: ModelIn, state: StateDep, principal: PrincipalDep) -> dic
             raise APIError(
                 409, "already_exists", f"model {body.model!r} is already declared"
             ) from err
-    return _out(row)
+    return model_json(row)
 
 
 def _load(state: StateDep, tenant_id: str, model_id: str) -> ModelRow:
@@ -113,13 +114,14 @@ def update_model(
     with state.db.session() as session:
         session.add(session.merge(row))
         session.commit()
-    return _out(row)
+    return model_json(row)
 
 
 @router.delete("/models/{id}", summary="Deletes a model from the system registry.")
 def delete_model(id: str, state: StateDep, principal: PrincipalDep) -> str:
     row = _load(state, principal.tenant_id, id)
     with state.db.session() as session:
+        remove_memberships(session, model_id=id)
         session.delete(session.merge(row))
         session.commit()
     return "model removed"
