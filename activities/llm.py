@@ -76,7 +76,11 @@ class LLMActivities:
         _check_token_limit(req)
 
         async def call(backend: BackendRef, model: str) -> LLMResult:
-            answer = await self._clients.chat(backend, model, req.messages, req.temperature)
+            tools = [
+                {"name": t.name, "description": t.description, "parameters": t.parameters}
+                for t in req.tools
+            ]
+            answer = await self._clients.chat(backend, model, req.messages, req.temperature, tools)
             return LLMResult(
                 content=answer.content,
                 model=model,

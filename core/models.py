@@ -4,7 +4,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -151,3 +151,118 @@ class BackendStateRow(SQLModel, table=True):
     checked_at: datetime | None = Field(
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
     )
+
+
+# An INTEGER PRIMARY KEY is what autoincrements in SQLite; BIGINT elsewhere.
+_BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class RemoteHookRow(SQLModel, table=True):
+    """A remote service whose OpenAPI operations become tools (seed 003 RemoteHook)."""
+
+    __tablename__ = "remote_hook"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_hook_tenant_name"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    tenant_id: str = Field(index=True, max_length=64)
+    name: str = Field(max_length=200)
+    endpoint_url: str = Field(max_length=2000)
+    timeout_ms: int = 10_000
+    # Header values are secrets (tokens): stored encrypted as one JSON object.
+    headers_encrypted: str = Field(default="", max_length=20_000)
+    # Injected arguments [{in, name, value}], hidden from the model and added at call time.
+    properties: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class FunctionRow(SQLModel, table=True):
+    """A stored JavaScript function (seed 003 functionstore.Function)."""
+
+    __tablename__ = "function"
+
+    tenant_id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=200)
+    description: str = ""
+    script_type: str = Field(default="goja", max_length=32)
+    script: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class EventTriggerRow(SQLModel, table=True):
+    """Runs a function when an event of a type is appended (seed 003 EventTrigger)."""
+
+    __tablename__ = "event_trigger"
+    __table_args__ = (
+        Index("ix_trigger_tenant_type", "tenant_id", "listen_for_type"),
+        Index("ix_trigger_tenant_function", "tenant_id", "function_name"),
+    )
+
+    tenant_id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=200)
+    description: str = ""
+    listen_for_type: str = Field(max_length=200)
+    type: str = Field(default="function", max_length=32)
+    function_name: str = Field(max_length=200)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class EventRow(SQLModel, table=True):
+    """The event store (seed 003 eventstore.Event); indexes serve each query route."""
+
+    __tablename__ = "event"
+    __table_args__ = (
+        Index("ix_event_type_time", "tenant_id", "event_type", "created_at"),
+        Index("ix_event_source_time", "tenant_id", "event_source", "created_at"),
+        Index(
+            "ix_event_aggregate_time", "tenant_id", "aggregate_type", "aggregate_id", "created_at"
+        ),
+        Index("ix_event_time", "tenant_id", "created_at"),
+    )
+
+    nid: int | None = Field(
+        default=None, sa_column=Column(_BigId, primary_key=True, autoincrement=True)
+    )
+    id: str = Field(default_factory=new_id, max_length=64, unique=True)
+    tenant_id: str = Field(max_length=64)
+    event_type: str = Field(max_length=200)
+    event_source: str = Field(default="", max_length=200)
+    aggregate_type: str = Field(default="", max_length=200)
+    aggregate_id: str = Field(default="", max_length=200)
+    version: int = 1
+    data: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    metadata_: Any = Field(default=None, sa_column=Column("metadata", JSON, nullable=True))
+    created_at: datetime = _ts()
+
+
+class RawEventRow(SQLModel, table=True):
+    """Raw payloads received on /ingest before mapping (seed 003 eventstore.RawEvent)."""
+
+    __tablename__ = "raw_event"
+    __table_args__ = (Index("ix_raw_event_time", "tenant_id", "received_at"),)
+
+    nid: int | None = Field(
+        default=None, sa_column=Column(_BigId, primary_key=True, autoincrement=True)
+    )
+    id: str = Field(default_factory=new_id, max_length=64, unique=True)
+    tenant_id: str = Field(max_length=64)
+    path: str = Field(max_length=400)
+    headers: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    payload: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    received_at: datetime = _ts()
+
+
+class EventMappingRow(SQLModel, table=True):
+    """How raw payloads on a path become events (seed 003 eventstore.MappingConfig)."""
+
+    __tablename__ = "event_mapping"
+
+    tenant_id: str = Field(primary_key=True, max_length=64)
+    path: str = Field(primary_key=True, max_length=400)
+    config: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()

@@ -142,19 +142,39 @@ class ProviderClients:
         model: str,
         messages: list[dict[str, Any]],
         temperature: float | None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> ChatAnswer:
+        """One chat completion. `tools` are {name, description, parameters}; names such as
+        "hook.tool" are sent wire-safe ("hook__tool", as OpenAI refuses dots) and mapped back."""
+        wire = {wire_name(t["name"]): t["name"] for t in tools or []}
+        specs = [
+            {
+                "type": "function",
+                "function": {
+                    "name": name,
+                    "description": tool.get("description") or "",
+                    "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
+                },
+            }
+            for name, tool in zip(wire, tools or [], strict=True)
+        ]
+        messages = [_to_wire(m) for m in messages] if wire else messages
         try:
             if backend.type == "ollama":
                 options = {"temperature": temperature} if temperature is not None else None
                 reply = await self._ollama_client(backend).chat(
-                    model=model, messages=messages, options=options, stream=False
+                    model=model,
+                    messages=messages,
+                    options=options,
+                    stream=False,
+                    tools=specs or None,
                 )
                 calls = [
                     {
                         "id": f"call_{i}",
                         "type": "function",
                         "function": {
-                            "name": c.function.name,
+                            "name": wire.get(c.function.name, c.function.name),
                             "arguments": dict(c.function.arguments or {}),
                         },
                     }
@@ -169,6 +189,8 @@ class ProviderClients:
             kwargs: dict[str, Any] = {}
             if temperature is not None:
                 kwargs["temperature"] = temperature
+            if specs:
+                kwargs["tools"] = specs
             completion = await self._openai_client(backend).chat.completions.create(
                 model=model,
                 messages=messages,  # type: ignore[arg-type]
@@ -177,7 +199,13 @@ class ProviderClients:
         except Exception as err:
             raise classify(err, backend) from err
         choice = completion.choices[0]
-        calls = [c.model_dump() for c in (choice.message.tool_calls or [])]
+        calls = []
+        for call in choice.message.tool_calls or []:
+            dumped = call.model_dump()
+            name = dumped.get("function", {}).get("name", "")
+            if name in wire:
+                dumped["function"]["name"] = wire[name]
+            calls.append(dumped)
         usage = completion.usage
         return ChatAnswer(
             content=choice.message.content or "",
@@ -201,6 +229,25 @@ class ProviderClients:
             await client.close()
         self._openai.clear()
         self._ollama.clear()
+
+
+def wire_name(name: str) -> str:
+    """A tool name every provider accepts: letters, digits, _ and - only."""
+    return "".join(ch if ch.isalnum() or ch in "_-" else "__" for ch in name)[:64]
+
+
+def _to_wire(message: dict[str, Any]) -> dict[str, Any]:
+    """Earlier tool calls in the history go back to the model under their wire names."""
+    calls = message.get("tool_calls")
+    out = dict(message)
+    if calls:
+        out["tool_calls"] = [
+            {**c, "function": {**c["function"], "name": wire_name(c["function"]["name"])}}
+            for c in calls
+        ]
+    if message.get("role") == "tool" and message.get("name"):
+        out["name"] = wire_name(str(message["name"]))
+    return out
 
 
 def classify(err: Exception, backend: BackendRef) -> ProviderError:

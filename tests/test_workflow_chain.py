@@ -552,7 +552,7 @@ async def test_parse_key_value_without_pairs_fails(env: WorkflowEnvironment) -> 
 
 
 async def test_unavailable_handler_fails_clearly(env: WorkflowEnvironment) -> None:
-    message, _ = await fail_chain(env, chain(task("h", "hook", hook={"name": "x"})), "x")
+    message, _ = await fail_chain(env, chain(task("h", "teleport")), "x")
     assert "not available" in message
 
 

@@ -5,6 +5,7 @@ parsing, conditions and transitions run here, deterministically, so they cost no
 and replay for free.
 """
 
+import json
 from datetime import timedelta
 from typing import Any, NoReturn
 
@@ -28,13 +29,23 @@ with workflow.unsafe.imports_passed_through():
         ChainRunInput,
         EmbedRequest,
         EmbedResult,
+        FunctionRunInput,
+        FunctionRunResult,
         LLMRequest,
         LLMResult,
         ModelChoice,
+        ToolCallRequest,
+        ToolCallResult,
+        ToolSpec,
+        ToolsRequest,
     )
 
 CHAIN_FAILED = "ChainFailed"
 PERMANENT_LLM_ERROR = "PermanentLLMError"
+# Raised by hook and JS activities for failures a retry cannot fix (bad script, 4xx).
+PERMANENT_TOOL_ERROR = "PermanentToolError"
+TOOL_TIMEOUT = 90.0
+TOOL_CALL = "tool-call"
 
 
 class _Outcome:
@@ -54,6 +65,7 @@ class ChainWorkflow:
         self._current = ""
         self._decisions: list[ApprovalDecision] = []
         self._output: Any = None
+        self._step = 0
 
     @workflow.query
     def progress(self) -> dict[str, Any]:
@@ -85,6 +97,7 @@ class ChainWorkflow:
                     "raise max_steps or give the loop an exit"
                 )
             self._current = task.id
+            self._step = steps
             task_input = variables.get(task.input_var, None) if task.input_var else previous
             started = workflow.now()
             unit: dict[str, Any] = {
@@ -185,6 +198,12 @@ class ChainWorkflow:
                 return await self._embed(task, task_input, scope)
             if handler == "approval":
                 return await self._approval(task)
+            if handler == "hook":
+                return await self._hook(task, scope)
+            if handler == "js":
+                return await self._js(task, task_input)
+            if handler == "execute_tool_calls":
+                return await self._execute_tool_calls(task, task_input)
             return self._deterministic(task, handler, task_input, scope)
         except templating.TemplateError as err:
             raise TaskFailure(f"template error: {err}") from err
@@ -221,7 +240,39 @@ class ChainWorkflow:
             ),
         }
 
-    async def _call_llm(self, task: TaskDefinition, messages: list[dict[str, Any]]) -> LLMResult:
+    async def _tools(self, task: TaskDefinition) -> list[ToolSpec]:
+        cfg = task.execute_config
+        if cfg is None or not cfg.hooks:
+            return []
+        try:
+            return await workflow.execute_activity(
+                "hook_tools",
+                ToolsRequest(self._params.tenant_id, list(cfg.hooks), list(cfg.hide_tools)),
+                result_type=list[ToolSpec],
+                summary=f"{task.id}: tools of {', '.join(cfg.hooks)}",
+                **self._tool_options(task),
+            )
+        except ActivityError as err:
+            raise TaskFailure(_activity_message(err)) from err
+
+    def _tool_options(self, task: TaskDefinition) -> dict[str, Any]:
+        timeout = parse_duration(task.timeout) or TOOL_TIMEOUT
+        return {
+            "start_to_close_timeout": timedelta(seconds=timeout),
+            "retry_policy": RetryPolicy(
+                initial_interval=timedelta(seconds=1),
+                maximum_interval=timedelta(seconds=30),
+                maximum_attempts=self._params.options.llm_max_attempts,
+                non_retryable_error_types=[PERMANENT_TOOL_ERROR],
+            ),
+        }
+
+    async def _call_llm(
+        self,
+        task: TaskDefinition,
+        messages: list[dict[str, Any]],
+        tools: list[ToolSpec] | None = None,
+    ) -> LLMResult:
         cfg = task.execute_config
         request = LLMRequest(
             tenant_id=self._params.tenant_id,
@@ -231,6 +282,7 @@ class ChainWorkflow:
             messages=messages,
             temperature=cfg.temperature if cfg else None,
             token_limit=self._chain.token_limit,
+            tools=tools or [],
         )
         try:
             return await workflow.execute_activity(
@@ -261,7 +313,7 @@ class ChainWorkflow:
         if task.system_instruction and not any(m.get("role") == "system" for m in messages):
             system = self._render(task.system_instruction, scope)
             messages.insert(0, {"role": "system", "content": system})
-        result = await self._call_llm(task, messages)
+        result = await self._call_llm(task, messages, await self._tools(task))
         reply: dict[str, Any] = {"role": "assistant", "content": result.content}
         if result.tool_calls:
             reply["tool_calls"] = result.tool_calls
@@ -269,7 +321,111 @@ class ChainWorkflow:
         history["model"] = result.model
         history["inputTokens"] = int(history.get("inputTokens") or 0) + result.input_tokens
         history["outputTokens"] = int(history.get("outputTokens") or 0) + result.output_tokens
-        return _Outcome(history, result.content, _llm_meta(result))
+        transition = TOOL_CALL if result.tool_calls else result.content
+        return _Outcome(history, transition, _llm_meta(result))
+
+    async def _call_tool(
+        self, task: TaskDefinition, hook: str, tool: str, args: dict[str, Any], key: str
+    ) -> Any:
+        request = ToolCallRequest(
+            tenant_id=self._params.tenant_id,
+            workflow_id=workflow.info().workflow_id,
+            task_id=task.id,
+            hook=hook,
+            tool=tool,
+            args=args,
+            idempotency_key=key,
+        )
+        try:
+            result = await workflow.execute_activity(
+                "hook_call",
+                request,
+                result_type=ToolCallResult,
+                summary=f"{task.id}: {hook}.{tool}" if tool else f"{task.id}: {hook}",
+                **self._tool_options(task),
+            )
+        except ActivityError as err:
+            raise TaskFailure(_activity_message(err)) from err
+        return result.output
+
+    async def _hook(self, task: TaskDefinition, scope: dict[str, Any]) -> _Outcome:
+        if task.hook is None:
+            raise TaskFailure("a hook task needs `hook.name`")
+        args = {
+            key: self._render(value, scope) if isinstance(value, str) else value
+            for key, value in task.hook.args.items()
+        }
+        key = f"{workflow.info().workflow_id}/{task.id}/{self._step}"
+        output = await self._call_tool(task, task.hook.name, task.hook.tool_name, args, key)
+        output = self._output_template(task, output, scope)
+        return _Outcome(output, output if isinstance(output, str) else "ok")
+
+    async def _js(self, task: TaskDefinition, task_input: Any) -> _Outcome:
+        if task.hook is None:
+            raise TaskFailure("a js task needs `hook.name`, the function to run")
+        info = workflow.info()
+        request = FunctionRunInput(
+            tenant_id=self._params.tenant_id,
+            function=task.hook.name,
+            input=task_input,
+            workflow_id=info.workflow_id,
+        )
+        try:
+            result = await workflow.execute_activity(
+                "js_run",
+                request,
+                result_type=FunctionRunResult,
+                summary=f"{task.id}: js {task.hook.name}",
+                **self._tool_options(task),
+            )
+        except ActivityError as err:
+            raise TaskFailure(_activity_message(err)) from err
+        output = result.result
+        meta: dict[str, Any] = {"logs": result.logs} if result.logs else {}
+        return _Outcome(output, output if isinstance(output, str) else "ok", meta)
+
+    def _offered_hooks(self) -> set[str]:
+        return {
+            hook
+            for t in self._chain.tasks
+            if t.execute_config is not None
+            for hook in t.execute_config.hooks
+        }
+
+    async def _execute_tool_calls(self, task: TaskDefinition, task_input: Any) -> _Outcome:
+        if not engine.is_chat_history(task_input):
+            raise TaskFailure("execute_tool_calls needs a chat history as input")
+        history = engine.to_chat_history(task_input)
+        messages = history["messages"]
+        last = messages[-1] if messages else {}
+        calls = last.get("tool_calls") or [] if last.get("role") == "assistant" else []
+        offered = self._offered_hooks()
+        for call in calls:
+            function = call.get("function") or {}
+            name = str(function.get("name") or "")
+            hook, _, tool = name.partition(".")
+            if hook not in offered:
+                # A client's own tool (pass_clients_tools): left for the caller to run.
+                continue
+            args = function.get("arguments") or {}
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args) if args.strip() else {}
+                except ValueError as err:
+                    raise TaskFailure(
+                        f"tool call {name!r} has arguments that are not JSON"
+                    ) from err
+            key = f"{workflow.info().workflow_id}/{task.id}/{self._step}/{call.get('id', name)}"
+            output = await self._call_tool(task, hook, tool, dict(args), key)
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": call.get("id", ""),
+                    "name": name,
+                    "content": output if isinstance(output, str) else json.dumps(output),
+                }
+            )
+        return _Outcome(history, "executed")
 
     async def _embed(
         self, task: TaskDefinition, task_input: Any, scope: dict[str, Any]

@@ -37,6 +37,16 @@ class ModelChoice:
 
 
 @dataclass
+class ToolSpec:
+    """One tool as offered to a model. `name` is "hook.tool"; the LLM activity maps it to a
+    wire-safe name and back, so histories keep the readable form."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+@dataclass
 class LLMRequest:
     tenant_id: str
     workflow_id: str
@@ -45,6 +55,7 @@ class LLMRequest:
     messages: list[dict[str, Any]]
     temperature: float | None = None
     token_limit: int = 0
+    tools: list[ToolSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -82,3 +93,50 @@ class ApprovalDecision:
     comment: str = ""
     payload: Any = None
     by: str = ""
+
+
+@dataclass
+class ToolsRequest:
+    """Which hooks' tools to offer a model (execute_config.hooks minus hide_tools)."""
+
+    tenant_id: str
+    hooks: list[str]
+    hide_tools: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ToolCallRequest:
+    tenant_id: str
+    workflow_id: str
+    task_id: str
+    hook: str
+    tool: str
+    args: dict[str, Any]
+    # Stable across retries of this call, sent as Idempotency-Key so a retry is safe.
+    idempotency_key: str
+
+
+@dataclass
+class ToolCallResult:
+    output: Any
+    status: int = 200
+
+
+@dataclass
+class FunctionRunInput:
+    """Run a stored JS function: from a chain's `js` task, a trigger, or the API."""
+
+    tenant_id: str
+    function: str
+    input: Any = None
+    # How many trigger hops led here; dispatch stops at a limit so self-triggering loops end.
+    depth: int = 0
+    trigger: str = ""
+    workflow_id: str = ""
+
+
+@dataclass
+class FunctionRunResult:
+    result: Any = None
+    logs: list[str] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
