@@ -3,11 +3,14 @@
 import asyncio
 import logging
 import signal
+from datetime import timedelta
 
 from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.downloads import DownloadActivities
+from activities.hooks import HookActivities
 from activities.llm import LLMActivities, all_activities
 from activities.sync import SyncActivities
 from core.config import Settings, get_settings
@@ -17,15 +20,24 @@ from core.schedules import ensure_state_sync
 from core.secrets import SecretBox
 from core.temporal import connect, ensure_search_attributes
 from workflows.chain import ChainWorkflow
+from workflows.downloads import ModelDownloadWorkflow
 from workflows.sync import StateSyncWorkflow
 
 log = logging.getLogger("chainloom.worker")
 
-WORKFLOWS = [ChainWorkflow, StateSyncWorkflow]
+WORKFLOWS = [ChainWorkflow, StateSyncWorkflow, ModelDownloadWorkflow]
 
 # Modules the workflow sandbox may share instead of re-importing per run: they are
 # deterministic, and re-importing pydantic/jinja2 for every run costs hundreds of ms.
-PASSTHROUGH = ("chains", "workflows.types", "pydantic", "pydantic_core", "jinja2", "markupsafe")
+PASSTHROUGH = (
+    "chains",
+    "workflows.types",
+    "workflows.download_types",
+    "pydantic",
+    "pydantic_core",
+    "jinja2",
+    "markupsafe",
+)
 
 
 def build_worker(
@@ -55,7 +67,15 @@ def build_worker(
         client,
         task_queue=task_queue or settings.task_queue,
         workflows=WORKFLOWS,
-        activities=[*all_activities(llm), sync.sync_backends],
+        activities=[
+            *all_activities(llm),
+            sync.sync_backends,
+            DownloadActivities(db).pull,
+            *HookActivities(db, SecretBox.from_settings(settings), settings).activities(),
+        ],
+        # Heartbeats reach the server at most this often (the SDK's default is 0.8 x the
+        # heartbeat timeout, 4 s for a pull): model-pull progress is read from them.
+        max_heartbeat_throttle_interval=timedelta(seconds=1),
         workflow_runner=SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
         ),

@@ -11,16 +11,21 @@ from api.deps import AppState, TemporalHolder, require_auth
 from api.routes import (
     affinity,
     backends,
+    events,
     groups,
     health,
+    hooks,
     models,
     providers,
+    queue,
     runs,
     state,
     taskchains,
+    triggers,
 )
 from core.config import Settings, get_settings
 from core.db import Database
+from core.events import wait_for_background_dispatches
 
 API_DESCRIPTION = (
     "Durable LLM task chains on Temporal. Follows the contenox runtime API (seed 003): "
@@ -37,6 +42,8 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         db.migrate()
         app.state.chainloom = AppState(settings, db, TemporalHolder(settings, temporal))
         yield
+        # Trigger dispatches still starting workflows for appends already answered.
+        await wait_for_background_dispatches()
         clients = getattr(app.state, "probe_clients", None)
         if clients is not None:
             await clients.close()
@@ -48,7 +55,20 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     errors.install(app)
     app.include_router(health.router)
     secured = [Depends(require_auth)]
-    for module in (taskchains, runs, backends, models, state, groups, affinity, providers):
+    for module in (
+        taskchains,
+        runs,
+        backends,
+        models,
+        state,
+        groups,
+        affinity,
+        providers,
+        queue,
+        events,
+        triggers,
+        hooks,
+    ):
         app.include_router(module.router, dependencies=secured)
     return app
 

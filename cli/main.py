@@ -12,9 +12,11 @@ from typing import Annotated
 import typer
 
 from cli import chains as chains_cli
+from cli import models as models_cli
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 app.add_typer(chains_cli.app, name="chains")
+app.add_typer(models_cli.app, name="models")
 
 
 def dev_api_key(data_dir: Path) -> str:

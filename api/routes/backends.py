@@ -1,6 +1,7 @@
 """/backends: connections to LLM services (seed 003)."""
 
 import asyncio
+import logging
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -8,15 +9,18 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
+from temporalio.service import RPCError
 
 from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
 from api.errors import APIError, not_found
 from api.routes.groups import remove_memberships
 from core.backends import to_ref
+from core.downloads import cancel_downloads
 from core.models import BackendRow, BackendStateRow, rfc3339, utcnow
 from core.providers import ProviderClients, ProviderError
 
 router = APIRouter(tags=["backends"])
+log = logging.getLogger(__name__)
 
 
 class BackendIn(BaseModel):
@@ -169,13 +173,24 @@ def update_backend(
 
 
 @router.delete("/backends/{id}", summary="Removes a backend connection.")
-def delete_backend(id: str, state: StateDep, principal: PrincipalDep) -> str:
-    row = _load(state, principal.tenant_id, id)
-    with state.db.session() as session:
-        remove_memberships(session, backend_id=id)
-        health = session.get(BackendStateRow, id)
-        if health is not None:
-            session.delete(health)
-        session.delete(session.merge(row))
-        session.commit()
+async def delete_backend(id: str, state: StateDep, principal: PrincipalDep) -> str:
+    row = await asyncio.to_thread(_load, state, principal.tenant_id, id)
+    if row.type == "ollama":
+        # Its queued pulls would only fail with "backend no longer exists"; stop them now.
+        try:
+            client = await state.temporal.get()
+            await cancel_downloads(client, principal.tenant_id, [id])
+        except (APIError, RPCError) as err:
+            log.warning("downloads of backend %s not cancelled: %s", id, err)
+
+    def delete() -> None:
+        with state.db.session() as session:
+            remove_memberships(session, backend_id=id)
+            health = session.get(BackendStateRow, id)
+            if health is not None:
+                session.delete(health)
+            session.delete(session.merge(row))
+            session.commit()
+
+    await asyncio.to_thread(delete)
     return "backend removed"

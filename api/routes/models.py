@@ -2,6 +2,7 @@
 
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
@@ -10,6 +11,7 @@ from sqlmodel import col, select
 from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
 from api.errors import APIError, not_found
 from api.routes.groups import remove_memberships
+from api.routes.queue import purge_model_downloads, queue_declared_model
 from core.models import ModelRow, rfc3339, utcnow
 
 router = APIRouter(tags=["models"])
@@ -88,6 +90,9 @@ def create_model(body: ModelIn, state: StateDep, principal: PrincipalDep) -> dic
             raise APIError(
                 409, "already_exists", f"model {body.model!r} is already declared"
             ) from err
+    # Seed 003: a model an ollama backend lacks is queued for download there (never fails
+    # the request: with Temporal down, the state sync queues it later).
+    anyio.from_thread.run(queue_declared_model, state, principal.tenant_id, row.model)
     return model_json(row)
 
 
@@ -118,10 +123,22 @@ def update_model(
 
 
 @router.delete("/models/{id}", summary="Deletes a model from the system registry.")
-def delete_model(id: str, state: StateDep, principal: PrincipalDep) -> str:
+def delete_model(
+    id: str,
+    state: StateDep,
+    principal: PrincipalDep,
+    purge: str | None = Query(
+        None,
+        description="If true, also removes the model from the download queue and cancels any "
+        "in-progress downloads.",
+    ),
+) -> str:
     row = _load(state, principal.tenant_id, id)
     with state.db.session() as session:
         remove_memberships(session, model_id=id)
         session.delete(session.merge(row))
         session.commit()
+    if (purge or "").lower() in ("true", "1", "yes"):
+        # After the delete, so the state sync cannot queue the model again in between.
+        anyio.from_thread.run(purge_model_downloads, state, principal.tenant_id, row.model)
     return "model removed"
