@@ -10,6 +10,7 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.downloads import DownloadActivities
+from activities.functions import FunctionActivities
 from activities.hooks import HookActivities
 from activities.llm import LLMActivities, all_activities
 from activities.sync import SyncActivities
@@ -21,11 +22,12 @@ from core.secrets import SecretBox
 from core.temporal import connect, ensure_search_attributes
 from workflows.chain import ChainWorkflow
 from workflows.downloads import ModelDownloadWorkflow
+from workflows.function import FunctionWorkflow
 from workflows.sync import StateSyncWorkflow
 
 log = logging.getLogger("chainloom.worker")
 
-WORKFLOWS = [ChainWorkflow, StateSyncWorkflow, ModelDownloadWorkflow]
+WORKFLOWS = [ChainWorkflow, StateSyncWorkflow, ModelDownloadWorkflow, FunctionWorkflow]
 
 # Modules the workflow sandbox may share instead of re-importing per run: they are
 # deterministic, and re-importing pydantic/jinja2 for every run costs hundreds of ms.
@@ -72,6 +74,9 @@ def build_worker(
             sync.sync_backends,
             DownloadActivities(db).pull,
             *HookActivities(db, SecretBox.from_settings(settings), settings).activities(),
+            *FunctionActivities(
+                db, settings, llm=llm, task_queue=task_queue or settings.task_queue
+            ).activities(),
         ],
         # Heartbeats reach the server at most this often (the SDK's default is 0.8 x the
         # heartbeat timeout, 4 s for a pull): model-pull progress is read from them.

@@ -12,6 +12,7 @@ from api.routes import (
     affinity,
     backends,
     events,
+    functions,
     groups,
     health,
     hooks,
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         events,
         triggers,
         hooks,
+        functions,
     ):
         app.include_router(module.router, dependencies=secured)
     return app

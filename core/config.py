@@ -44,6 +44,26 @@ class Settings(BaseSettings):
     # Backend model lists are cached this long inside a worker.
     backend_models_ttl: float = Field(30.0, alias="CHAINLOOM_BACKEND_MODELS_TTL")
 
+    # Outbound HTTP to user-supplied URLs refuses loopback/private/link-local/metadata
+    # addresses except these (comma-separated hosts, IPs or CIDRs; see core/outbound.py).
+    outbound_allowlist: str = Field("", alias="CHAINLOOM_OUTBOUND_ALLOWLIST")
+    # Remote hooks' OpenAPI documents are cached this long (seconds) by workers and the API.
+    hook_schema_ttl: float = Field(300.0, alias="CHAINLOOM_HOOK_SCHEMA_TTL")
+
+    # Events: a trigger chain deeper than this (a function whose sendEvent fires its own
+    # trigger, directly or in a cycle) is stopped with a chainloom.trigger.depth_exceeded event.
+    trigger_max_depth: int = Field(8, alias="CHAINLOOM_TRIGGER_MAX_DEPTH")
+    # How often /events/stream polls the database; API and workers are separate processes.
+    event_poll_interval: float = Field(0.25, alias="CHAINLOOM_EVENT_POLL_INTERVAL")
+
+    # JS functions (docs/functions.md): seconds of JavaScript per call (time spent waiting on
+    # builtins not counted), V8 memory per call, the whole call's wall time with builtins,
+    # and how many host processes run JavaScript at once per worker (and per API process).
+    js_timeout: float = Field(5.0, alias="CHAINLOOM_JS_TIMEOUT")
+    js_memory_mb: int = Field(128, alias="CHAINLOOM_JS_MEMORY_MB")
+    js_wall_timeout: float = Field(60.0, alias="CHAINLOOM_JS_WALL_TIMEOUT")
+    js_pool_size: int = Field(2, alias="CHAINLOOM_JS_POOL_SIZE")
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url

@@ -1,0 +1,223 @@
+"""/functions: stored JavaScript functions (seed 003 functionstore.Function).
+
+A script is parsed in the JS sandbox when it is created or updated, so a syntax error is a
+422 naming the line rather than a failed run later. How scripts run: docs/functions.md.
+"""
+
+import asyncio
+import re
+from typing import Any
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+
+from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
+from api.errors import APIError, not_found
+from core.config import Settings
+from core.jsrunner import JSError, runner_for
+from core.models import FunctionRow, rfc3339, utcnow
+
+router = APIRouter(tags=["functions"])
+
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+# Every name contenox gives a script: they all run as JavaScript here.
+SCRIPT_TYPES = ("goja", "javascript", "js")
+MAX_SCRIPT_CHARS = 1024 * 1024
+
+
+class FunctionIn(BaseModel):
+    """seed 003 functionstore.Function as sent; createdAt/updatedAt are ignored."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+    name: str = Field(
+        "",
+        max_length=200,
+        description="Unique per tenant: letters, digits, `_`, `-`, `.`; taken from the path "
+        "on PUT.",
+    )
+    description: str = Field("", max_length=4000)
+    script_type: str = Field("goja", alias="scriptType", description="goja (JavaScript).")
+    script: str = Field(
+        ...,
+        min_length=1,
+        max_length=MAX_SCRIPT_CHARS,
+        description="JavaScript defining `function main(input)`; see docs/functions.md.",
+    )
+
+
+class FunctionOut(BaseModel):
+    name: str
+    description: str
+    scriptType: str
+    script: str
+    createdAt: str
+    updatedAt: str
+
+
+def function_json(row: FunctionRow) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "description": row.description,
+        "scriptType": row.script_type,
+        "script": row.script,
+        "createdAt": rfc3339(row.created_at),
+        "updatedAt": rfc3339(row.updated_at),
+    }
+
+
+def _check_name(name: str) -> None:
+    if not name or not re.match(NAME_PATTERN, name):
+        raise APIError(
+            422,
+            "invalid_name",
+            f"function name {name!r} must be letters, digits, '_', '-' or '.', not starting "
+            "with '.' or '-'",
+            param="name",
+            errors=[{"field": "/name", "message": "invalid function name", "code": "invalid"}],
+        )
+
+
+async def _check(settings: Settings, body: FunctionIn) -> None:
+    if body.script_type not in SCRIPT_TYPES:
+        raise APIError(
+            422,
+            "invalid_script_type",
+            f"scriptType {body.script_type!r} is not supported; use one of "
+            f"{', '.join(SCRIPT_TYPES)} (all run as JavaScript)",
+            param="scriptType",
+            errors=[{"field": "/scriptType", "message": "unsupported", "code": "invalid"}],
+        )
+    try:
+        await runner_for(settings).check(body.script)
+    except JSError as err:
+        if err.kind != "syntax":
+            raise APIError(
+                503, "sandbox_unavailable", f"could not check the script: {err.message}"
+            ) from err
+        raise APIError(
+            422,
+            "invalid_script",
+            f"the script does not parse: {err.message}",
+            param="script",
+            errors=[{"field": "/script", "message": err.message, "code": "syntax_error"}],
+        ) from err
+
+
+@router.get(
+    "/functions",
+    response_model=list[FunctionOut],
+    summary="Lists all registered functions with pagination, oldest first.",
+)
+async def list_functions(
+    state: StateDep,
+    principal: PrincipalDep,
+    limit: str | None = None,
+    cursor: str | None = Query(None, description="RFC3339Nano createdAt of the last item."),
+) -> list[dict[str, Any]]:
+    after = parse_cursor(cursor)
+    query = select(FunctionRow).where(FunctionRow.tenant_id == principal.tenant_id)
+    if after is not None:
+        query = query.where(col(FunctionRow.created_at) > after)
+    query = query.order_by(col(FunctionRow.created_at)).limit(page_limit(limit))
+
+    def load() -> list[dict[str, Any]]:
+        with state.db.session() as session:
+            return [function_json(row) for row in session.exec(query).all()]
+
+    return await asyncio.to_thread(load)
+
+
+@router.post(
+    "/functions",
+    status_code=201,
+    response_model=FunctionOut,
+    summary="Creates a new serverless function.",
+)
+async def create_function(
+    body: FunctionIn, state: StateDep, principal: PrincipalDep
+) -> dict[str, Any]:
+    _check_name(body.name)
+    await _check(state.settings, body)
+    row = FunctionRow(
+        tenant_id=principal.tenant_id,
+        name=body.name,
+        description=body.description,
+        script_type=body.script_type,
+        script=body.script,
+    )
+
+    def insert() -> dict[str, Any]:
+        with state.db.session() as session:
+            session.add(row)
+            try:
+                session.commit()
+            except IntegrityError as err:
+                raise APIError(
+                    409, "already_exists", f"a function named {body.name!r} exists", param="name"
+                ) from err
+            return function_json(row)
+
+    return await asyncio.to_thread(insert)
+
+
+def _load(state: StateDep, tenant_id: str, name: str) -> FunctionRow:
+    with state.db.session() as session:
+        row = session.get(FunctionRow, (tenant_id, name))
+    if row is None:
+        raise not_found("function", name)
+    return row
+
+
+@router.get(
+    "/functions/{name}",
+    response_model=FunctionOut,
+    summary="Retrieves details for a specific function.",
+)
+async def get_function(name: str, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+    row = await asyncio.to_thread(_load, state, principal.tenant_id, name)
+    return function_json(row)
+
+
+@router.put(
+    "/functions/{name}",
+    response_model=FunctionOut,
+    summary="Updates an existing function; the name in the path overrides the body's.",
+)
+async def update_function(
+    name: str, body: FunctionIn, state: StateDep, principal: PrincipalDep
+) -> dict[str, Any]:
+    await asyncio.to_thread(_load, state, principal.tenant_id, name)
+    await _check(state.settings, body)
+
+    def save() -> dict[str, Any]:
+        with state.db.session() as session:
+            row = session.get(FunctionRow, (principal.tenant_id, name))
+            if row is None:
+                raise not_found("function", name)
+            row.description = body.description
+            row.script_type = body.script_type
+            row.script = body.script
+            row.updated_at = utcnow()
+            session.add(row)
+            session.commit()
+            session.refresh(row)
+            return function_json(row)
+
+    return await asyncio.to_thread(save)
+
+
+@router.delete("/functions/{name}", summary="Deletes a function from the system.")
+async def delete_function(name: str, state: StateDep, principal: PrincipalDep) -> str:
+    def remove() -> None:
+        with state.db.session() as session:
+            row = session.get(FunctionRow, (principal.tenant_id, name))
+            if row is None:
+                raise not_found("function", name)
+            session.delete(row)
+            session.commit()
+
+    await asyncio.to_thread(remove)
+    return "function removed"
