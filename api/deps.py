@@ -4,10 +4,11 @@ import asyncio
 import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlmodel import col, select
 from temporalio.client import Client
 
 from api.errors import APIError
@@ -125,3 +126,17 @@ def page_limit(limit: str | None, default: int = 100, maximum: int = 1000) -> in
     if value < 1:
         raise APIError(400, "invalid_limit", "limit must be at least 1", param="limit")
     return min(value, maximum)
+
+
+def tenant_page(table: Any, tenant_id: str, limit: str | None, cursor: str | None) -> Any:
+    """One page of a tenant's rows, oldest first, after the `cursor` (a createdAt).
+
+    The seed pages every list by creation time; ties are broken by primary key so a page
+    boundary never drops a row.
+    """
+    after = parse_cursor(cursor)
+    query = select(table).where(table.tenant_id == tenant_id)
+    if after is not None:
+        query = query.where(col(table.created_at) > after)
+    keys = [col(c) for c in table.__table__.primary_key.columns]
+    return query.order_by(col(table.created_at), *keys).limit(page_limit(limit))

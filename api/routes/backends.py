@@ -8,10 +8,9 @@ from urllib.parse import urlparse
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
 from temporalio.service import RPCError
 
-from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
+from api.deps import PrincipalDep, StateDep, tenant_page
 from api.errors import APIError, not_found
 from api.routes.groups import remove_memberships
 from core.backends import to_ref
@@ -97,15 +96,11 @@ async def list_backends(
     limit: str | None = None,
     cursor: str | None = Query(None, description="RFC3339Nano createdAt of the last item."),
 ) -> list[dict[str, Any]]:
-    after = parse_cursor(cursor)
-    size = page_limit(limit)
+    query = tenant_page(BackendRow, principal.tenant_id, limit, cursor)
 
     def load() -> list[BackendRow]:
-        query = select(BackendRow).where(BackendRow.tenant_id == principal.tenant_id)
-        if after is not None:
-            query = query.where(col(BackendRow.created_at) > after)
         with state.db.session() as session:
-            return list(session.exec(query.order_by(col(BackendRow.created_at)).limit(size)).all())
+            return list(session.exec(query).all())
 
     rows = await asyncio.to_thread(load)
     clients = _probe_clients(request)

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
-from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
+from api.deps import PrincipalDep, StateDep, tenant_page
 from api.errors import APIError, not_found
 from core.models import AffinityGroupRow, GroupBackendRow, GroupModelRow, rfc3339, utcnow
 
@@ -84,13 +84,9 @@ def _conflict(name: str) -> APIError:
 def _page(
     state: StateDep, tenant_id: str, limit: str | None, cursor: str | None, purpose: str | None
 ) -> list[dict[str, Any]]:
-    after = parse_cursor(cursor)
-    query = select(AffinityGroupRow).where(AffinityGroupRow.tenant_id == tenant_id)
+    query = tenant_page(AffinityGroupRow, tenant_id, limit, cursor)
     if purpose is not None:
         query = query.where(AffinityGroupRow.purpose_type == purpose)
-    if after is not None:
-        query = query.where(col(AffinityGroupRow.created_at) > after)
-    query = query.order_by(col(AffinityGroupRow.created_at)).limit(page_limit(limit))
     with state.db.session() as session:
         return [group_json(row) for row in session.exec(query).all()]
 

@@ -6,9 +6,8 @@ import anyio
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
 
-from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
+from api.deps import PrincipalDep, StateDep, tenant_page
 from api.errors import APIError, not_found
 from api.routes.groups import remove_memberships
 from api.routes.queue import purge_model_downloads, queue_declared_model
@@ -65,11 +64,7 @@ def list_models(
     limit: str | None = None,
     cursor: str | None = Query(None, description="RFC3339Nano createdAt of the last item."),
 ) -> list[dict[str, Any]]:
-    after = parse_cursor(cursor)
-    query = select(ModelRow).where(ModelRow.tenant_id == principal.tenant_id)
-    if after is not None:
-        query = query.where(col(ModelRow.created_at) > after)
-    query = query.order_by(col(ModelRow.created_at)).limit(page_limit(limit))
+    query = tenant_page(ModelRow, principal.tenant_id, limit, cursor)
     with state.db.session() as session:
         return [model_json(row) for row in session.exec(query).all()]
 

@@ -3,10 +3,9 @@
 from typing import Any
 
 from fastapi import APIRouter, Body, Query
-from sqlmodel import col, select
 
 from api.chains import chain_json, validate_chain
-from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
+from api.deps import PrincipalDep, StateDep, tenant_page
 from api.errors import APIError, not_found
 from chains.schema import chain_json_schema
 from core.models import TaskChainRow, utcnow
@@ -41,13 +40,7 @@ def list_chains(
     limit: str | None = Query(None, description="The maximum number of items to return."),
     cursor: str | None = Query(None, description="RFC3339Nano timestamp of the last item seen."),
 ) -> list[dict[str, Any]]:
-    after = parse_cursor(cursor)
-    query = select(TaskChainRow).where(TaskChainRow.tenant_id == principal.tenant_id)
-    if after is not None:
-        query = query.where(col(TaskChainRow.created_at) > after)
-    query = query.order_by(col(TaskChainRow.created_at), col(TaskChainRow.id)).limit(
-        page_limit(limit)
-    )
+    query = tenant_page(TaskChainRow, principal.tenant_id, limit, cursor)
     with state.db.session() as session:
         return [row.definition for row in session.exec(query).all()]
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
+from api.deps import PrincipalDep, StateDep, tenant_page
 from api.errors import APIError, not_found
 from core.models import EventTriggerRow, FunctionRow, utcnow
 from core.triggers import trigger_json
@@ -68,11 +68,7 @@ def list_triggers(
     limit: str | None = None,
     cursor: str | None = Query(None, description="RFC3339Nano createdAt of the last item."),
 ) -> list[dict[str, Any]]:
-    after = parse_cursor(cursor)
-    query = select(EventTriggerRow).where(EventTriggerRow.tenant_id == principal.tenant_id)
-    if after is not None:
-        query = query.where(col(EventTriggerRow.created_at) > after)
-    query = query.order_by(col(EventTriggerRow.created_at)).limit(page_limit(limit))
+    query = tenant_page(EventTriggerRow, principal.tenant_id, limit, cursor)
     with state.db.session() as session:
         return [trigger_json(row) for row in session.exec(query).all()]
 
