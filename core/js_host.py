@@ -123,6 +123,15 @@ BOOTSTRAP_JS = r"""
     Object.defineProperty(g, name, { value: fn, writable: false, configurable: false });
   }
 
+  // mini-racer's setTimeout rests on Atomics.waitAsync, which answers a delay of 0 (or none)
+  // synchronously and so breaks the shim: run those after 1 ms, like a browser clamps them.
+  const baseSetTimeout = g.setTimeout;
+  g.setTimeout = function setTimeout(fn, delay) {
+    const args = Array.prototype.slice.call(arguments, 2);
+    const ms = Number(delay);
+    return baseSetTimeout.apply(g, [fn, ms >= 1 ? ms : 1].concat(args));
+  };
+
   define('console', Object.freeze({
     log: logger(''), info: logger(''), debug: logger(''),
     warn: logger('warn'), error: logger('error'),
@@ -193,15 +202,10 @@ def _handle_callback_from_v8(self: Any, callback_id: int, raw: Any) -> None:
     if handler is None:
         _original_callback(self, callback_id, raw)
         return
-    handle = self._wrap_raw_handle(raw)
-    # Freeing a value calls into the isolate, which is busy running this very callback:
-    # hand the handle to the event loop thread to drop it there.
-    self.event_loop.call_soon_threadsafe(_drop, handle)
+    # The argument (an empty array) is not needed: the request is in the shared buffer.
+    # Freeing it here, while the isolate waits, is safe and leaves nothing for later.
+    self._wrap_raw_handle(raw)
     handler()
-
-
-def _drop(_handle: Any) -> None:
-    return None
 
 
 mr_context.Context.handle_callback_from_v8 = _handle_callback_from_v8  # type: ignore[method-assign, assignment]
@@ -341,7 +345,7 @@ class Isolate:
     def _ask_parent(self, name: str, args: list[Any]) -> dict[str, Any]:
         with self.lock:
             if self.stopped:
-                return {"ok": False, "error": "the call was stopped"}
+                return {"ok": False, "error": "the call is over"}
             started = time.monotonic()
             self.in_builtin_since = started
             try:
@@ -423,6 +427,22 @@ class Isolate:
             raise
         except JSEvalException:
             pass
+
+    def seal(self, wait: float = 1.0) -> bool:
+        """No builtin may reach the parent any more: the call's answer is about to go out.
+
+        A timer the script left behind could fire after `main` returned; its builtin call must
+        not land in the parent's next exchange. A builtin mid-exchange is still being served
+        (the parent reads until the answer), so waiting for it is safe; False if it does not
+        finish in time.
+        """
+        if not self.lock.acquire(timeout=wait):
+            return False
+        try:
+            self.stopped = True
+        finally:
+            self.lock.release()
+        return True
 
     def try_stop(self) -> bool:
         """Stop the script unless a builtin is mid-exchange with the parent."""
@@ -512,6 +532,8 @@ class Host:
             current = isolate or Isolate(self)
             isolate = None
             reply, retire = await self.handle(current, message)
+            if not current.seal():
+                retire = True
             if retire:
                 # The isolate may still be spinning (a terminated microtask loop, a C++
                 # builtin): answer, then leave without touching it; the runner starts anew.

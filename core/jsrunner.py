@@ -84,8 +84,8 @@ class _Host:
         self.v8 = ""
 
     @classmethod
-    async def start(cls, memory_mb: int, prewarm: bool) -> "_Host":
-        config = json.dumps({"memory_mb": memory_mb, "prewarm": prewarm})
+    async def start(cls, memory_mb: int, prewarm: bool, idle_exit: float) -> "_Host":
+        config = json.dumps({"memory_mb": memory_mb, "prewarm": prewarm, "idle_exit": idle_exit})
         # A minimal environment: the host runs untrusted code and needs no settings or secrets.
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
         proc = await asyncio.create_subprocess_exec(
@@ -168,6 +168,10 @@ class _Host:
             self.proc.stdin.close()
 
 
+class _HostGone(Exception):
+    """The host was gone before it took the call."""
+
+
 class _Lease:
     """A pool slot that a call may give back while it waits, and take again."""
 
@@ -196,6 +200,7 @@ class JSRunner:
         wall_timeout: float = 60.0,
         size: int = 2,
         prewarm: bool = True,
+        idle_exit: float = 900.0,
         max_result_bytes: int = 1 << 20,
     ) -> None:
         self.timeout = timeout
@@ -203,6 +208,9 @@ class JSRunner:
         self.wall_timeout = wall_timeout
         self.size = max(1, size)
         self.prewarm = prewarm
+        # A host idle this long exits (and is started again when needed), so hosts of a runner
+        # whose event loop went away do not linger.
+        self.idle_exit = idle_exit
         self.max_result_bytes = max_result_bytes
         # Least recently used first: with two hosts, one prepares its next isolate while the
         # other serves, so back-to-back calls never wait for an isolate to be created.
@@ -269,7 +277,7 @@ class JSRunner:
         return self._slots
 
     def _spare(self) -> None:
-        task = asyncio.ensure_future(_Host.start(self.memory_mb, self.prewarm))
+        task = asyncio.ensure_future(_Host.start(self.memory_mb, self.prewarm, self.idle_exit))
         self._starting.append(task)
 
         def ready(done: asyncio.Task[_Host]) -> None:
@@ -298,7 +306,7 @@ class JSRunner:
         if host is None and self._starting:
             host = await self._starting.pop(0)
         if host is None:
-            host = await _Host.start(self.memory_mb, self.prewarm)
+            host = await _Host.start(self.memory_mb, self.prewarm, self.idle_exit)
         self._busy.add(host)
         if self._count() < self.size:
             # Grow to full size in the background: sequential calls alternate between hosts,
@@ -336,13 +344,20 @@ class JSRunner:
         lease = _Lease(self._slot())
         await lease.take()
         try:
-            host = await self._acquire()
-            healthy = False
-            try:
-                done = await self._exchange(host, message, builtins, js_timeout, wall, lease)
-                healthy = not done.get("retire")
-            finally:
-                self._release(host, healthy)
+            for attempt in (1, 2):
+                host = await self._acquire()
+                healthy = False
+                try:
+                    done = await self._exchange(host, message, builtins, js_timeout, wall, lease)
+                    healthy = not done.get("retire")
+                    break
+                except _HostGone as err:
+                    # An idle host that had just exited (idle timeout, killed): the call never
+                    # started, so it is safe to hand it to another host once.
+                    if attempt == 2:
+                        raise JSError("crash", "the JavaScript host is gone; try again") from err
+                finally:
+                    self._release(host, healthy)
         finally:
             lease.give()
         if done.get("ok"):
@@ -364,7 +379,8 @@ class JSRunner:
         try:
             await host.send(message)
         except ConnectionError as err:
-            raise JSError("crash", "the JavaScript host is gone; try again") from err
+            raise _HostGone() from err
+        answered = False
         while True:
             js_deadline = started + js_timeout + waited + GRACE
             wall_deadline = started + wall + GRACE
@@ -379,7 +395,10 @@ class JSRunner:
                 raise JSError("timeout", _timeout_message(js_timeout)) from None
             if frame is None:
                 code = await host.wait()
+                if code == 0 and not answered:
+                    raise _HostGone()
                 raise self._death(host, code)
+            answered = True
             if frame.get("op") == "call":
                 before = loop.time()
                 # A call waiting on a builtin computes nothing: its slot goes to other calls

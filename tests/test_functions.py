@@ -74,6 +74,28 @@ async def test_async_main_and_plain_values(runner: JSRunner) -> None:
     assert (await runner.run(script, 2)).value == 42
 
 
+async def test_timers_work_within_the_call_and_die_with_it(runner: JSRunner) -> None:
+    script = """
+    async function main() {
+      await new Promise(resolve => setTimeout(resolve));
+      return await new Promise(resolve => setTimeout((a, b) => resolve(a + b), 5, 2, 3));
+    }"""
+    assert (await runner.run(script)).value == 5
+    served: list[str] = []
+
+    async def builtins(name: str, args: list[Any], left: float) -> Any:
+        served.append(str(args[0]))
+        return None
+
+    # A timer left behind must never reach the builtins of a later call.
+    leftover = "function main() { setTimeout(() => sendEvent('late', {}), 0); return 1; }"
+    assert (await runner.run(leftover, builtins=builtins)).value == 1
+    await asyncio.sleep(0.1)
+    for i in range(3):
+        assert (await runner.run("function main(x) { return x; }", i, builtins=builtins)).value == i
+    assert served == []
+
+
 async def test_every_call_gets_a_fresh_isolate(runner: JSRunner) -> None:
     script = """
     function main() {
@@ -202,6 +224,17 @@ async def test_a_host_killed_mid_call_is_replaced(runner: JSRunner) -> None:
     assert all(h.proc.pid != killed[0] for h in runner._idle)
 
 
+async def test_idle_hosts_exit_and_come_back() -> None:
+    r = JSRunner(idle_exit=0.3)
+    await r.warm()
+    first = {h.proc.pid for h in r._idle}
+    await asyncio.sleep(1.0)
+    assert all(not h.alive for h in r._idle)
+    assert (await r.run("function main() { return 'back'; }")).value == "back"
+    assert not first & {h.proc.pid for h in [*r._idle, *r._busy]}
+    await r.close()
+
+
 async def test_builtins_are_synchronous_and_carry_large_values(runner: JSRunner) -> None:
     calls: list[tuple[str, list[Any]]] = []
 
@@ -247,6 +280,22 @@ async def test_waiting_on_builtins_does_not_count_but_the_wall_limit_does(
         await quick.run("function main() { executeTask('10'); }", builtins=slow)
     assert time.monotonic() - began < 4.0 + SLACK
     assert "wall time" in info.value.message or "CHAINLOOM_JS_WALL_TIMEOUT" in info.value.message
+
+
+async def test_calls_waiting_on_builtins_do_not_hold_the_pool(runner: JSRunner) -> None:
+    async def slow(name: str, args: list[Any], left: float) -> Any:
+        await asyncio.sleep(1.0)
+        return args[0]
+
+    script = "function main(x) { return executeTask(String(x)); }"
+    began = time.monotonic()
+    results = await asyncio.gather(*(runner.run(script, i, builtins=slow) for i in range(6)))
+    took = time.monotonic() - began
+    assert [r.value for r in results] == [str(i) for i in range(6)]
+    # six calls waiting 1 s each on a pool of two: they wait side by side, not in turns
+    assert took < 2.5, f"{took:.2f}s"
+    await asyncio.sleep(0.5)
+    assert len(runner._idle) <= runner.size and not runner._busy
 
 
 async def test_check_parses_without_running(runner: JSRunner) -> None:
