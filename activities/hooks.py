@@ -12,8 +12,6 @@ task at once (PermanentToolError); 408/429/5xx and network trouble are retried b
 """
 
 import asyncio
-import importlib
-import inspect
 import json
 from datetime import timedelta
 from typing import Any, NoReturn
@@ -184,21 +182,13 @@ class HookActivities:
         return ToolCallResult(_output(resp, []), resp.status)
 
     async def _js(self, req: ToolCallRequest) -> ToolCallResult:
-        # Imported when used: the JS runner is optional and heavy (mini-racer).
-        try:
-            module = importlib.import_module("activities.functions")
-        except ImportError:
-            module = None
-        run_function = getattr(module, "run_function", None)
-        if run_function is None:
-            permanent(
-                "the js hook needs the functions module (activities.functions.run_function), "
-                "which this worker does not have"
-            )
+        # Imported here: activities.functions itself uses this module for executeHook.
+        from activities.functions import run_function
+
         function = req.tool or str(req.args.get("function") or "")
         if not function:
             permanent("the js hook needs a function name: tool_name, or a `function` argument")
-        result = run_function(
+        result = await run_function(
             FunctionRunInput(
                 tenant_id=req.tenant_id,
                 function=function,
@@ -206,9 +196,7 @@ class HookActivities:
                 workflow_id=req.workflow_id,
             )
         )
-        if inspect.isawaitable(result):
-            result = await result
-        return ToolCallResult(getattr(result, "result", result))
+        return ToolCallResult(result.result)
 
     # ------------------------------------------------------------------ helpers
 

@@ -1,7 +1,6 @@
 """Hooks: OpenAPI → tools, injection, the hook activities' failure classes, the /hooks API,
 the `hook` handler, local hooks and the outbound policy applied to hooks."""
 
-import importlib
 import itertools
 import json
 import time
@@ -288,20 +287,6 @@ async def test_schemas_are_cached_and_a_missing_tool_refetches_once(
     await env.run(fresh.tools, ToolsRequest(tenant, ["weather"]))
     await env.run(fresh.tools, ToolsRequest(tenant, ["weather"]))
     assert len(svc.calls("/openapi.json")) == 4
-
-
-async def test_js_hook_without_the_functions_module_is_a_clear_error(unit_db: Database) -> None:
-    try:
-        module = importlib.import_module("activities.functions")
-    except ImportError:
-        module = None
-    if getattr(module, "run_function", None) is not None:
-        pytest.skip("the functions module exists; the js hook delegates to it")
-    acts = activities(unit_db)
-    req = ToolCallRequest("t", "w", "task", "js", "my_fn", {}, "k")
-    with pytest.raises(ApplicationError, match="the js hook needs the functions module") as info:
-        await ActivityEnvironment().run(acts.call, req)
-    assert info.value.non_retryable
 
 
 # --------------------------------------------------------------------------- the API
