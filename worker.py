@@ -55,6 +55,7 @@ def build_worker(
         secrets=SecretBox.from_settings(settings),
         default_model=settings.default_model,
         models_ttl=settings.backend_models_ttl,
+        tables_ttl=settings.routing_cache_seconds,
         groups_enabled=settings.groups_enabled,
         down_seconds=settings.backend_down_seconds,
     )

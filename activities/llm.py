@@ -58,6 +58,7 @@ class LLMActivities:
         secrets: SecretBox | None = None,
         default_model: str = "",
         models_ttl: float = 30.0,
+        tables_ttl: float = 5.0,
         groups_enabled: bool = False,
         down_seconds: float = 30.0,
     ) -> None:
@@ -66,6 +67,7 @@ class LLMActivities:
         self._secrets = secrets
         self._default_model = default_model
         self._models_ttl = models_ttl
+        self._tables_ttl = tables_ttl
         self._groups_enabled = groups_enabled
         self._down_seconds = down_seconds
         # Reading the tables on every call cost ~2 ms a step (benchmarks); they change rarely.
@@ -114,15 +116,17 @@ class LLMActivities:
 
     async def _view(self, tenant_id: str) -> _TenantView:
         view = self._views.get(tenant_id)
-        if view is None or time.monotonic() - view.fetched >= self._models_ttl:
+        if view is None or time.monotonic() - view.fetched >= self._tables_ttl:
             view = await asyncio.to_thread(self._load_view, tenant_id)
             self._views[tenant_id] = view
         return view
 
     async def candidates(
-        self, tenant_id: str, choice: ModelChoice
+        self, tenant_id: str, choice: ModelChoice, *, fresh: bool = False
     ) -> tuple[list[Candidate], list[str]]:
-        """Backends able to serve the call, in preference order, and why others were not."""
+        """Backends able to serve the call, in preference order, and why others were not.
+
+        `fresh` bypasses the caches (tables and model lists)."""
         models = [m for m in [choice.model, *choice.models] if m] or (
             [self._default_model] if self._default_model else []
         )
@@ -132,6 +136,8 @@ class LLMActivities:
                 type=PERMANENT,
                 non_retryable=True,
             )
+        if fresh:
+            self._views.pop(tenant_id, None)
         view = await self._view(tenant_id)
         allowed = {p for p in [choice.provider, *choice.providers] if p}
         backends = [b for b in view.backends if not allowed or b.type in allowed]
@@ -141,7 +147,8 @@ class LLMActivities:
         for backend in backends:
             health = view.health.get(backend.id, Health())
             try:
-                listings[backend.id] = await self._clients.list_models(backend, self._models_ttl)
+                max_age = 0.0 if fresh else self._models_ttl
+                listings[backend.id] = await self._clients.list_models(backend, max_age)
             except ProviderError as err:
                 unreachable.append(str(err))
                 # The last list we saw still says what it serves once it comes back.
@@ -175,6 +182,10 @@ class LLMActivities:
         call: Callable[[BackendRef, str], Awaitable[T]],
     ) -> tuple[T, list[str]]:
         found, unreachable = await self.candidates(tenant_id, choice)
+        if not found:
+            # The caches may predate a backend or model added a moment ago: look again before
+            # failing the task for good.
+            found, unreachable = await self.candidates(tenant_id, choice, fresh=True)
         wanted = ", ".join(m for m in [choice.model, *choice.models] if m) or self._default_model
         if not found:
             if unreachable:

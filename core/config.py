@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     llm_timeout: float = Field(300.0, alias="CHAINLOOM_LLM_TIMEOUT")
     # A worker that dies mid-call is noticed after this long, and the call moves on.
     llm_heartbeat_timeout: float = Field(20.0, alias="CHAINLOOM_LLM_HEARTBEAT_TIMEOUT")
+    # Routing caches the backend, health and group tables this long inside a worker; a model
+    # it cannot place makes it look again at once, so additions are never missed.
+    routing_cache_seconds: float = Field(5.0, alias="CHAINLOOM_ROUTING_CACHE_SECONDS")
     # Backend model lists are cached this long inside a worker.
     backend_models_ttl: float = Field(30.0, alias="CHAINLOOM_BACKEND_MODELS_TTL")
 

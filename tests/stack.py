@@ -111,6 +111,7 @@ class Stack:
             "CHAINLOOM_TASK_QUEUE": "test-" + uuid.uuid4().hex[:12],
             "CHAINLOOM_LLM_HEARTBEAT_TIMEOUT": 5,
             "CHAINLOOM_BACKEND_MODELS_TTL": 0,
+            "CHAINLOOM_ROUTING_CACHE_SECONDS": 0,
             "CHAINLOOM_SECRET_KEY": cls.SECRET_KEY,
             "CHAINLOOM_DATA_DIR": tempfile.mkdtemp(prefix="chainloom-test-"),
             **overrides,

@@ -211,3 +211,28 @@ def test_with_groups_only_pairs_sharing_a_group_are_routed(
     assert result["status"] == 200, result
     assert result["state"][0]["backend"] == f"grouped-{suffix}"
     assert steady.count("/v1/chat/completions") == 0
+
+
+def test_a_backend_added_a_moment_ago_is_found_despite_the_caches(
+    temporal_address: str, sqlite_url: str, pair: tuple[ScriptedLLM, ScriptedLLM]
+) -> None:
+    _, steady = pair
+    cached = Stack(
+        temporal_address,
+        sqlite_url,
+        CHAINLOOM_BACKEND_MODELS_TTL=300,
+        CHAINLOOM_ROUTING_CACHE_SECONDS=300,
+    )
+    try:
+        suffix = str(time.time_ns())
+        # The first run fills the caches while no backend serves the model.
+        first = run(cached, one_step(f"cache-miss-{suffix}", model="other-model"))
+        assert first["status"] == 422
+        add(cached, f"late-{suffix}", steady)
+        second = run(cached, one_step(f"cache-hit-{suffix}", model="other-model"))
+        assert second["status"] == 200, second
+        assert second["state"][0]["backend"] == f"late-{suffix}"
+    finally:
+        for item in cached.http.get("/backends").json():
+            cached.http.delete(f"/backends/{item['id']}")
+        cached.close()
