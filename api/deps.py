@@ -4,17 +4,19 @@ import asyncio
 import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 from temporalio.client import Client
 
-from api.errors import APIError
+from api.errors import APIError, not_found
 from core.config import Settings
 from core.db import Database
 from core.temporal import connect, ensure_search_attributes
+
+T = TypeVar("T")
 
 
 class TemporalHolder:
@@ -140,3 +142,14 @@ def tenant_page(table: Any, tenant_id: str, limit: str | None, cursor: str | Non
         query = query.where(col(table.created_at) > after)
     keys = [col(c) for c in table.__table__.primary_key.columns]
     return query.order_by(col(table.created_at), *keys).limit(page_limit(limit))
+
+
+def owned(session: Session, table: type[T], ident: str, tenant_id: str, kind: str) -> T:
+    """The row `ident` of an id-keyed table, if it belongs to the tenant; else a 404.
+
+    Another tenant's row answers exactly like a missing one, so ids leak nothing.
+    """
+    row = session.get(table, ident)
+    if row is None or getattr(row, "tenant_id", None) != tenant_id:
+        raise not_found(kind, ident)
+    return row

@@ -12,8 +12,8 @@ from fastapi import APIRouter, Response
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from api.deps import PrincipalDep, StateDep
-from api.errors import APIError, not_found
+from api.deps import PrincipalDep, StateDep, owned
+from api.errors import APIError
 from api.routes.backends import BackendOut, backend_json
 from api.routes.groups import GroupOut, group_json, load_group, remove_memberships
 from api.routes.models import ModelOut, model_json
@@ -25,17 +25,11 @@ router = APIRouter(tags=["affinity"])
 
 
 def _backend(session: Session, tenant_id: str, backend_id: str) -> BackendRow:
-    row = session.get(BackendRow, backend_id)
-    if row is None or row.tenant_id != tenant_id:
-        raise not_found("backend", backend_id)
-    return row
+    return owned(session, BackendRow, backend_id, tenant_id, "backend")
 
 
 def _model(session: Session, tenant_id: str, model_id: str) -> ModelRow:
-    row = session.get(ModelRow, model_id)
-    if row is None or row.tenant_id != tenant_id:
-        raise not_found("model", model_id)
-    return row
+    return owned(session, ModelRow, model_id, tenant_id, "model")
 
 
 def _add(session: Session, member: GroupBackendRow | GroupModelRow) -> bool:

@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from temporalio.service import RPCError
 
-from api.deps import PrincipalDep, StateDep, tenant_page
-from api.errors import APIError, not_found
+from api.deps import PrincipalDep, StateDep, owned, tenant_page
+from api.errors import APIError
 from api.routes.groups import remove_memberships
 from core.backends import to_ref
 from core.downloads import cancel_downloads
@@ -128,10 +128,7 @@ def create_backend(body: BackendIn, state: StateDep, principal: PrincipalDep) ->
 
 def _load(state: StateDep, tenant_id: str, backend_id: str) -> BackendRow:
     with state.db.session() as session:
-        row = session.get(BackendRow, backend_id)
-    if row is None or row.tenant_id != tenant_id:
-        raise not_found("backend", backend_id)
-    return row
+        return owned(session, BackendRow, backend_id, tenant_id, "backend")
 
 
 @router.get(

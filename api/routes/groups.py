@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
-from api.deps import PrincipalDep, StateDep, tenant_page
+from api.deps import PrincipalDep, StateDep, owned, tenant_page
 from api.errors import APIError, not_found
 from core.models import AffinityGroupRow, GroupBackendRow, GroupModelRow, rfc3339, utcnow
 
@@ -50,10 +50,7 @@ def group_json(row: AffinityGroupRow) -> dict[str, Any]:
 
 
 def load_group(session: Session, tenant_id: str, group_id: str) -> AffinityGroupRow:
-    row = session.get(AffinityGroupRow, group_id)
-    if row is None or row.tenant_id != tenant_id:
-        raise not_found("group", group_id)
-    return row
+    return owned(session, AffinityGroupRow, group_id, tenant_id, "group")
 
 
 def remove_memberships(

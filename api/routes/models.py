@@ -7,8 +7,8 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 
-from api.deps import PrincipalDep, StateDep, tenant_page
-from api.errors import APIError, not_found
+from api.deps import PrincipalDep, StateDep, owned, tenant_page
+from api.errors import APIError
 from api.routes.groups import remove_memberships
 from api.routes.queue import purge_model_downloads, queue_declared_model
 from core.models import ModelRow, rfc3339, utcnow
@@ -93,10 +93,7 @@ def create_model(body: ModelIn, state: StateDep, principal: PrincipalDep) -> dic
 
 def _load(state: StateDep, tenant_id: str, model_id: str) -> ModelRow:
     with state.db.session() as session:
-        row = session.get(ModelRow, model_id)
-    if row is None or row.tenant_id != tenant_id:
-        raise not_found("model", model_id)
-    return row
+        return owned(session, ModelRow, model_id, tenant_id, "model")
 
 
 @router.put(
