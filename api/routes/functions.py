@@ -11,9 +11,8 @@ from typing import Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
 
-from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
+from api.deps import PrincipalDep, StateDep, tenant_page
 from api.errors import APIError, not_found
 from core.config import Settings
 from core.jsrunner import JSError, runner_for
@@ -117,11 +116,7 @@ async def list_functions(
     limit: str | None = None,
     cursor: str | None = Query(None, description="RFC3339Nano createdAt of the last item."),
 ) -> list[dict[str, Any]]:
-    after = parse_cursor(cursor)
-    query = select(FunctionRow).where(FunctionRow.tenant_id == principal.tenant_id)
-    if after is not None:
-        query = query.where(col(FunctionRow.created_at) > after)
-    query = query.order_by(col(FunctionRow.created_at)).limit(page_limit(limit))
+    query = tenant_page(FunctionRow, principal.tenant_id, limit, cursor)
 
     def load() -> list[dict[str, Any]]:
         with state.db.session() as session:
