@@ -49,10 +49,11 @@ def build_worker(
     clients: ProviderClients | None = None,
     task_queue: str | None = None,
 ) -> Worker:
+    secrets = SecretBox.from_settings(settings)
     llm = LLMActivities(
         db,
         clients or ProviderClients(timeout=settings.llm_timeout),
-        secrets=SecretBox.from_settings(settings),
+        secrets=secrets,
         default_model=settings.default_model,
         models_ttl=settings.backend_models_ttl,
         tables_ttl=settings.routing_cache_seconds,
@@ -65,6 +66,7 @@ def build_worker(
         task_queue=task_queue or settings.task_queue,
         down_seconds=settings.backend_down_seconds,
         delete_undeclared=settings.sync_delete_undeclared,
+        secrets=secrets,
     )
     return Worker(
         client,
@@ -74,7 +76,7 @@ def build_worker(
             *all_activities(llm),
             sync.sync_backends,
             DownloadActivities(db).pull,
-            *HookActivities(db, SecretBox.from_settings(settings), settings).activities(),
+            *HookActivities(db, secrets, settings).activities(),
             *FunctionActivities(
                 db, settings, llm=llm, task_queue=task_queue or settings.task_queue
             ).activities(),

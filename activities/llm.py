@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from temporalio import activity
@@ -23,7 +23,6 @@ from core.backends import backend_refs
 from core.db import Database
 from core.health import Health, group_pairs, load_health, mark_down, mark_up
 from core.models import utcnow
-from core.provider_keys import provider_api_keys
 from core.providers import BackendRef, ProviderClients, ProviderError, same_model
 from core.secrets import SecretBox
 from workflows.types import EmbedRequest, EmbedResult, LLMRequest, LLMResult, ModelChoice
@@ -107,10 +106,7 @@ class LLMActivities:
         return result
 
     def _load_view(self, tenant_id: str) -> _TenantView:
-        backends = backend_refs(self._db, tenant_id)
-        if self._secrets is not None:
-            keys = provider_api_keys(self._db, self._secrets, tenant_id)
-            backends = [replace(b, api_key=keys[b.type]) if b.type in keys else b for b in backends]
+        backends = backend_refs(self._db, tenant_id, self._secrets)
         pairs = group_pairs(self._db, tenant_id) if self._groups_enabled else None
         return _TenantView(time.monotonic(), backends, load_health(self._db, tenant_id), pairs)
 

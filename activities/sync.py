@@ -10,7 +10,9 @@ from core.backends import to_ref
 from core.db import Database
 from core.health import mark_down, mark_up
 from core.models import BackendRow, ModelRow
+from core.provider_keys import provider_api_keys
 from core.providers import ProviderClients, ProviderError, same_model
+from core.secrets import SecretBox
 
 
 class SyncActivities:
@@ -21,6 +23,7 @@ class SyncActivities:
         *,
         task_queue: str,
         down_seconds: float,
+        secrets: SecretBox | None = None,
         delete_undeclared: bool = False,
     ) -> None:
         self._db = db
@@ -28,18 +31,27 @@ class SyncActivities:
         self._task_queue = task_queue
         self._down_seconds = down_seconds
         self._delete_undeclared = delete_undeclared
+        self._secrets = secrets
 
-    def _load(self) -> tuple[list[BackendRow], dict[str, list[str]]]:
+    def _load(
+        self,
+    ) -> tuple[list[BackendRow], dict[str, list[str]], dict[str, dict[str, str]]]:
         with self._db.session() as session:
             backends = list(session.exec(select(BackendRow).order_by(col(BackendRow.created_at))))
             declared: dict[str, list[str]] = {}
             for row in session.exec(select(ModelRow)):
                 declared.setdefault(row.tenant_id, []).append(row.model)
-        return backends, declared
+        # Hosted providers answer a model listing only with their key.
+        box = self._secrets
+        keys = {
+            t: provider_api_keys(self._db, box, t) if box else {}
+            for t in {r.tenant_id for r in backends}
+        }
+        return backends, declared, keys
 
     @activity.defn(name="sync_backends")
     async def sync_backends(self) -> dict[str, Any]:
-        backends, declared = await asyncio.to_thread(self._load)
+        backends, declared, keys = await asyncio.to_thread(self._load)
         summary: dict[str, Any] = {
             "backends": len(backends),
             "healthy": 0,
@@ -48,7 +60,7 @@ class SyncActivities:
         }
 
         async def one(row: BackendRow) -> None:
-            ref = to_ref(row)
+            ref = to_ref(row, keys.get(row.tenant_id))
             try:
                 described = await self._clients.describe_models(ref)
             except ProviderError as err:

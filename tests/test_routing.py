@@ -236,3 +236,39 @@ def test_a_backend_added_a_moment_ago_is_found_despite_the_caches(
         for item in cached.http.get("/backends").json():
             cached.http.delete(f"/backends/{item['id']}")
         cached.close()
+
+
+async def test_provider_key_is_sent_on_listings_probes_and_calls(
+    rstack: Stack, pair: tuple[ScriptedLLM, ScriptedLLM]
+) -> None:
+    """A hosted provider answers nothing, not even its model list, without its key."""
+    _, steady = pair
+    add(rstack, "hosted", steady)
+    key = f"sk-test-{time.time_ns()}"
+    resp = rstack.http.post("/providers/openai/configure", json={"apiKey": key, "upsert": True})
+    assert resp.status_code in (200, 201), resp.text
+
+    def auth_of(path: str) -> str:
+        seen = [r for r in steady.requests if r.path == path]
+        assert seen, f"no request to {path}"
+        headers = {k.lower(): v for k, v in seen[-1].headers.items()}
+        return headers.get("authorization", "")
+
+    try:
+        assert rstack.http.get("/backends").json()[0]["error"] == ""
+        assert auth_of("/v1/models") == f"Bearer {key}"  # the status probe
+
+        steady.reset()
+        steady.reply(None, "steady answer")
+        client = await Client.connect(rstack.settings.temporal_address)
+        await client.execute_workflow(
+            "StateSyncWorkflow",
+            id=f"sync-key-{time.time_ns()}",
+            task_queue=rstack.settings.task_queue,
+        )
+        assert auth_of("/v1/models") == f"Bearer {key}"  # the state sync
+
+        assert run(rstack, one_step(f"keyed-{time.time_ns()}"))["status"] == 200
+        assert auth_of("/v1/chat/completions") == f"Bearer {key}"  # the call itself
+    finally:
+        rstack.http.delete("/providers/openai/config")

@@ -13,9 +13,11 @@ from temporalio.service import RPCError
 from api.deps import PrincipalDep, StateDep, owned, tenant_page
 from api.errors import APIError
 from api.routes.groups import remove_memberships
+from api.routes.providers import BoxDep
 from core.backends import to_ref
 from core.downloads import cancel_downloads
 from core.models import BackendRow, BackendStateRow, rfc3339, utcnow
+from core.provider_keys import provider_api_keys
 from core.providers import ProviderClients, ProviderError
 
 router = APIRouter(tags=["backends"])
@@ -73,10 +75,12 @@ def _probe_clients(request: Request) -> ProviderClients:
     return clients
 
 
-async def _with_status(clients: ProviderClients, row: BackendRow) -> dict[str, Any]:
+async def _with_status(
+    clients: ProviderClients, row: BackendRow, keys: dict[str, str]
+) -> dict[str, Any]:
     data = backend_json(row)
     try:
-        data["models"] = await clients.list_models(to_ref(row))
+        data["models"] = await clients.list_models(to_ref(row, keys))
         data["error"] = ""
     except ProviderError as err:
         data["models"], data["error"] = [], str(err)
@@ -93,6 +97,7 @@ async def list_backends(
     request: Request,
     state: StateDep,
     principal: PrincipalDep,
+    box: BoxDep,
     limit: str | None = None,
     cursor: str | None = Query(None, description="RFC3339Nano createdAt of the last item."),
 ) -> list[dict[str, Any]]:
@@ -103,8 +108,9 @@ async def list_backends(
             return list(session.exec(query).all())
 
     rows = await asyncio.to_thread(load)
+    keys = await asyncio.to_thread(provider_api_keys, state.db, box, principal.tenant_id)
     clients = _probe_clients(request)
-    return list(await asyncio.gather(*(_with_status(clients, row) for row in rows)))
+    return list(await asyncio.gather(*(_with_status(clients, row, keys) for row in rows)))
 
 
 @router.post(
@@ -137,10 +143,11 @@ def _load(state: StateDep, tenant_id: str, backend_id: str) -> BackendRow:
     summary="Retrieves complete information for a specific backend.",
 )
 async def get_backend(
-    id: str, request: Request, state: StateDep, principal: PrincipalDep
+    id: str, request: Request, state: StateDep, principal: PrincipalDep, box: BoxDep
 ) -> dict[str, Any]:
     row = await asyncio.to_thread(_load, state, principal.tenant_id, id)
-    return await _with_status(_probe_clients(request), row)
+    keys = await asyncio.to_thread(provider_api_keys, state.db, box, principal.tenant_id)
+    return await _with_status(_probe_clients(request), row, keys)
 
 
 @router.put(
