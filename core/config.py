@@ -67,6 +67,38 @@ class Settings(BaseSettings):
     js_wall_timeout: float = Field(60.0, alias="CHAINLOOM_JS_WALL_TIMEOUT")
     js_pool_size: int = Field(2, alias="CHAINLOOM_JS_POOL_SIZE")
 
+    # Identity (docs/identity.md). JWTs are signed with this, else with a key derived from
+    # CHAINLOOM_SECRET_KEY (or the generated one), so API processes agree without setup.
+    jwt_secret: str = Field("", alias="CHAINLOOM_JWT_SECRET")
+    access_token_ttl: float = Field(900.0, alias="CHAINLOOM_ACCESS_TOKEN_TTL")
+    refresh_token_ttl: float = Field(30 * 86400.0, alias="CHAINLOOM_REFRESH_TOKEN_TTL")
+    # Anyone may create a tenant through /register while this is on.
+    registration_open: bool = Field(True, alias="CHAINLOOM_REGISTRATION_OPEN")
+    # Users with these emails (comma-separated) are system administrators, like the bootstrap
+    # API key: they may create tenants and read /system/*.
+    admin_emails: str = Field("", alias="CHAINLOOM_ADMIN_EMAILS")
+    # The /ui/* session cookie is sent over HTTPS only when on; browsers treat localhost as
+    # secure, so the default works for local development too.
+    cookie_secure: bool = Field(True, alias="CHAINLOOM_COOKIE_SECURE")
+
+    # Rate limits ("N/second|minute|hour|day", the limits library's notation): per API key or
+    # user, per tenant, and per client address on /login and /register.
+    rate_limit: str = Field("600/minute", alias="CHAINLOOM_RATE_LIMIT")
+    tenant_rate_limit: str = Field("3000/minute", alias="CHAINLOOM_TENANT_RATE_LIMIT")
+    login_rate_limit: str = Field("10/minute", alias="CHAINLOOM_LOGIN_RATE_LIMIT")
+    # Rate-limit counters live in Redis when set (shared by every API process), else in memory.
+    redis_url: str = Field("", alias="REDIS_URL")
+    # Monthly quotas per tenant (0 = unlimited); a tenant's own values override these.
+    request_quota: int = Field(0, alias="CHAINLOOM_MONTHLY_REQUEST_QUOTA")
+    token_quota: int = Field(0, alias="CHAINLOOM_MONTHLY_TOKEN_QUOTA")
+
+    # /ready checks Qdrant only when this is set.
+    qdrant_url: str = Field("", alias="CHAINLOOM_QDRANT_URL")
+    ready_timeout: float = Field(2.0, alias="CHAINLOOM_READY_TIMEOUT")
+
+    def admin_email_set(self) -> frozenset[str]:
+        return frozenset(e.strip().lower() for e in self.admin_emails.split(",") if e.strip())
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url

@@ -266,3 +266,128 @@ class EventMappingRow(SQLModel, table=True):
     config: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     created_at: datetime = _ts()
     updated_at: datetime = _ts()
+
+
+# Identity and tenancy (docs/identity.md).
+
+
+class TenantRow(SQLModel, table=True):
+    """A tenant owns every other row; seed 002 calls it a project."""
+
+    __tablename__ = "tenant"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    name: str = Field(max_length=200)
+    # Per-tenant overrides of the CHAINLOOM_* defaults; None means the default applies.
+    request_quota: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    token_quota: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    rate_limit: str | None = Field(default=None, max_length=100)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class UserRow(SQLModel, table=True):
+    __tablename__ = "app_user"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    # The tenant made at /register; a user may be a member of others (MembershipRow).
+    tenant_id: str = Field(index=True, max_length=64)
+    email: str = Field(max_length=320, unique=True)
+    friendly_name: str = Field(default="", max_length=200)
+    subject: str = Field(default_factory=new_id, max_length=64, unique=True)
+    password_hash: str = Field(max_length=400)
+    # Bumped on delete and password change: every JWT carrying an older value stops working.
+    token_version: int = Field(default=0, sa_column=Column(Integer, nullable=False))
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class MembershipRow(SQLModel, table=True):
+    __tablename__ = "membership"
+
+    tenant_id: str = Field(primary_key=True, max_length=64)
+    user_id: str = Field(primary_key=True, max_length=64, index=True)
+    role: str = Field(max_length=16)  # admin | member | viewer
+    created_at: datetime = _ts()
+
+
+class ApiKeyRow(SQLModel, table=True):
+    """Only a SHA-256 of the key is kept; the key itself is shown once, at creation."""
+
+    __tablename__ = "api_key"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    tenant_id: str = Field(index=True, max_length=64)
+    user_id: str | None = Field(default=None, max_length=64)
+    name: str = Field(max_length=200)
+    prefix: str = Field(max_length=32, unique=True)
+    key_hash: str = Field(max_length=128)
+    scopes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _ts()
+    expires_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    last_used_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    revoked_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+
+
+class AccessEntryRow(SQLModel, table=True):
+    """Grants an identity (user or API key id) a permission level on a resource (seed 003)."""
+
+    __tablename__ = "access_entry"
+    __table_args__ = (
+        UniqueConstraint(
+            "tenant_id", "identity", "resource_type", "resource", name="uq_access_entry"
+        ),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    tenant_id: str = Field(index=True, max_length=64)
+    identity: str = Field(max_length=64)
+    resource_type: str = Field(max_length=64)
+    resource: str = Field(max_length=400)  # an id, or "*" for every resource of the type
+    permission: str = Field(max_length=16)  # none | view | edit | manage
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class RequestLogRow(SQLModel, table=True):
+    """One API request: /activity reads it, and its changes are the audit log."""
+
+    __tablename__ = "request_log"
+    __table_args__ = (
+        Index("ix_request_log_time", "tenant_id", "at"),
+        Index("ix_request_log_op", "tenant_id", "operation", "subject", "at"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    tenant_id: str = Field(max_length=64)
+    at: datetime = _ts()
+    method: str = Field(max_length=10)
+    path: str = Field(max_length=2000)
+    route: str = Field(default="", max_length=400)
+    status: int = Field(sa_column=Column(Integer, nullable=False))
+    duration_ms: float = 0.0
+    identity: str = Field(default="", max_length=64)
+    identity_kind: str = Field(default="", max_length=16)
+    operation: str = Field(default="", max_length=32)  # create | update | delete | read | ...
+    subject: str = Field(default="", max_length=64)  # the resource type
+    subject_id: str = Field(default="", max_length=400)
+    run_id: str | None = Field(default=None, max_length=64)
+    client: str = Field(default="", max_length=64)
+
+
+class UsageRow(SQLModel, table=True):
+    """Requests and model tokens a tenant used in a calendar month (UTC)."""
+
+    __tablename__ = "usage"
+
+    tenant_id: str = Field(primary_key=True, max_length=64)
+    period: str = Field(primary_key=True, max_length=7)  # YYYY-MM
+    requests: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    tokens: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    updated_at: datetime = _ts()

@@ -4,6 +4,8 @@ The key comes from CHAINLOOM_SECRET_KEY (comma-separated Fernet keys: the first 
 decrypt, so keys can be rotated); without it, one is generated once into the data directory.
 """
 
+import hashlib
+import hmac
 import os
 import time
 from pathlib import Path
@@ -18,6 +20,11 @@ class SecretBox:
         if not keys:
             raise ValueError("at least one Fernet key is needed")
         self._fernet = MultiFernet([Fernet(k.encode()) for k in keys])
+        self._first = keys[0].encode()
+
+    def derive(self, label: str) -> bytes:
+        """A key for another purpose (JWT signing) that every process holding this box shares."""
+        return hmac.new(self._first, label.encode(), hashlib.sha256).digest()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "SecretBox":

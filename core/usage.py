@@ -1,0 +1,263 @@
+"""Monthly request and token usage per tenant, and the quotas on them (seed 004).
+
+The API counts requests in memory and flushes the counts every second, so metering costs no
+database write per request; tokens are added by the workers after each model call. Quotas
+are therefore enforced to within about a second of traffic per API process.
+"""
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from core.config import Settings
+from core.db import Database
+from core.models import TenantRow, UsageRow, utcnow
+
+log = logging.getLogger("chainloom.usage")
+
+
+def period_of(moment: datetime | None = None) -> str:
+    return (moment or datetime.now(UTC)).strftime("%Y-%m")
+
+
+def period_reset(period: str) -> datetime:
+    """Start of the month after `period` (when its quotas reset)."""
+    year, month = (int(x) for x in period.split("-"))
+    return datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=UTC)
+
+
+def add_usage(session: Session, tenant_id: str, requests: int = 0, tokens: int = 0) -> None:
+    """Adds to this month's row, creating it on first use (portable upsert)."""
+    period = period_of()
+    for _ in range(3):
+        result = session.execute(
+            update(UsageRow)
+            .where(col(UsageRow.tenant_id) == tenant_id, col(UsageRow.period) == period)
+            .values(
+                requests=col(UsageRow.requests) + requests,
+                tokens=col(UsageRow.tokens) + tokens,
+                updated_at=utcnow(),
+            )
+        )
+        if getattr(result, "rowcount", 0):
+            session.commit()
+            return
+        session.add(UsageRow(tenant_id=tenant_id, period=period, requests=requests, tokens=tokens))
+        try:
+            session.commit()
+            return
+        except IntegrityError:  # another process created it first; add to theirs
+            session.rollback()
+    raise RuntimeError(f"could not record usage for tenant {tenant_id}")
+
+
+def record_tokens(db: Database, tenant_id: str, tokens: int) -> None:
+    if tokens > 0:
+        with db.session() as session:
+            add_usage(session, tenant_id, tokens=tokens)
+
+
+@dataclass
+class Quota:
+    used: int
+    limit: int  # 0 = unlimited
+
+    @property
+    def remaining(self) -> int | None:
+        return None if not self.limit else max(self.limit - self.used, 0)
+
+    @property
+    def exhausted(self) -> bool:
+        return bool(self.limit) and self.used >= self.limit
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "used": self.used,
+            "limit": self.limit or None,
+            "remaining": self.remaining,
+            "percentUsed": round(100 * self.used / self.limit, 2) if self.limit else None,
+        }
+
+
+@dataclass
+class Snapshot:
+    tenant_id: str
+    period: str
+    requests: Quota
+    tokens: Quota
+    # True when this request was not counted because the request quota was already used up.
+    refused: bool = False
+
+    def headers(self) -> dict[str, str]:
+        values = {"X-Usage-Requests-Used": str(self.requests.used)}
+        for name, quota in (("Requests", self.requests), ("Tokens", self.tokens)):
+            if quota.limit:
+                values[f"X-Usage-{name}-Remaining"] = str(quota.remaining)
+                values[f"X-Usage-{name}-Percent"] = f"{100 * quota.used / quota.limit:.2f}"
+        return values
+
+
+@dataclass
+class _Tenant:
+    loaded: float
+    period: str
+    stored_requests: int
+    stored_tokens: int
+    request_quota: int
+    token_quota: int
+    rate_limit: str | None = None  # the tenant's own rate limit text, if it has one
+    pending: int = 0
+    flushing: int = field(default=0)
+
+
+class UsageMeter:
+    REFRESH_SECONDS = 1.0
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self._db = db
+        self._settings = settings
+        self._tenants: dict[str, _Tenant] = {}
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._flushes = 0  # completed flushes, to tell whether a load raced one
+
+    def _load(self, tenant_id: str) -> _Tenant:
+        period = period_of()
+        with self._db.session() as session:
+            row = session.get(UsageRow, (tenant_id, period))
+            tenant = session.get(TenantRow, tenant_id)
+        requests_quota = self._settings.request_quota
+        token_quota = self._settings.token_quota
+        if tenant is not None and tenant.request_quota is not None:
+            requests_quota = tenant.request_quota
+        if tenant is not None and tenant.token_quota is not None:
+            token_quota = tenant.token_quota
+        return _Tenant(
+            time.monotonic(),
+            period,
+            row.requests if row else 0,
+            row.tokens if row else 0,
+            requests_quota,
+            token_quota,
+            rate_limit=tenant.rate_limit if tenant is not None else None,
+        )
+
+    async def _entry(self, tenant_id: str) -> _Tenant:
+        entry = self._tenants.get(tenant_id)
+        if (
+            entry is None
+            or time.monotonic() - entry.loaded > self.REFRESH_SECONDS
+            or entry.period != period_of()
+        ):
+            if entry is not None:
+                entry.loaded = time.monotonic()  # one reload at a time; others use the cache
+            flushes = self._flushes
+            fresh = await asyncio.to_thread(self._load, tenant_id)
+            current = self._tenants.get(tenant_id)
+            if current is None or current.period != fresh.period:
+                self._tenants[tenant_id] = fresh
+                return fresh
+            # Update in place: requests counted and flushes begun during the load stay counted.
+            current.loaded = fresh.loaded
+            current.request_quota = fresh.request_quota
+            current.token_quota = fresh.token_quota
+            current.rate_limit = fresh.rate_limit
+            current.stored_tokens = fresh.stored_tokens
+            if flushes == self._flushes and not current.flushing:
+                # Only when no flush overlapped the read could it have half-seen one.
+                current.stored_requests = fresh.stored_requests
+            entry = current
+        return entry
+
+    def _snapshot(self, tenant_id: str, entry: _Tenant) -> Snapshot:
+        used = entry.stored_requests + entry.pending + entry.flushing
+        return Snapshot(
+            tenant_id,
+            entry.period,
+            Quota(used, entry.request_quota),
+            Quota(entry.stored_tokens, entry.token_quota),
+        )
+
+    async def snapshot(self, tenant_id: str) -> Snapshot:
+        return self._snapshot(tenant_id, await self._entry(tenant_id))
+
+    async def count_request(self, tenant_id: str) -> Snapshot:
+        """Counts one request unless the monthly quota is used up; the caller checks that."""
+        entry = await self._entry(tenant_id)
+        before = self._snapshot(tenant_id, entry)
+        if before.requests.exhausted:
+            before.refused = True
+            return before
+        entry.pending += 1
+        return self._snapshot(tenant_id, entry)
+
+    async def rate_limit(self, tenant_id: str) -> str | None:
+        """The tenant's own rate limit (TenantRow.rate_limit), cached like its quotas."""
+        return (await self._entry(tenant_id)).rate_limit
+
+    def forget(self, tenant_id: str) -> None:
+        """Drops the cached quota, after a tenant's limits change."""
+        entry = self._tenants.get(tenant_id)
+        if entry is not None:
+            entry.loaded = 0
+
+    async def flush(self) -> None:
+        async with self._lock:
+            batch = {t: e for t, e in self._tenants.items() if e.pending}
+            for entry in batch.values():
+                entry.flushing, entry.pending = entry.pending, 0
+            if not batch:
+                return
+            try:
+                await asyncio.to_thread(self._write, {t: e.flushing for t, e in batch.items()})
+            except Exception:
+                log.exception("usage flush failed; counts are kept for the next one")
+                for entry in batch.values():
+                    entry.pending += entry.flushing
+                    entry.flushing = 0
+                self._flushes += 1
+                return
+            for entry in batch.values():
+                entry.stored_requests += entry.flushing
+                entry.flushing = 0
+            self._flushes += 1
+
+    def _write(self, counts: dict[str, int]) -> None:
+        with self._db.session() as session:
+            for tenant_id, count in counts.items():
+                add_usage(session, tenant_id, requests=count)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.REFRESH_SECONDS)
+            await self.flush()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self.flush()
+
+
+def tenant_periods(db: Database, tenant_id: str, limit: int = 12) -> list[UsageRow]:
+    with db.session() as session:
+        query = (
+            select(UsageRow)
+            .where(UsageRow.tenant_id == tenant_id)
+            .order_by(col(UsageRow.period).desc())
+            .limit(limit)
+        )
+        return list(session.exec(query))
