@@ -25,6 +25,7 @@ from core.health import Health, group_pairs, load_health, mark_down, mark_up
 from core.models import utcnow
 from core.providers import BackendRef, ProviderClients, ProviderError, same_model
 from core.secrets import SecretBox
+from core.usage import record_tokens
 from workflows.types import EmbedRequest, EmbedResult, LLMRequest, LLMResult, ModelChoice
 
 PERMANENT = "PermanentLLMError"
@@ -93,7 +94,19 @@ class LLMActivities:
 
         result, failed = await _with_heartbeat(self._route(req.tenant_id, req.choice, call))
         result.failed_over = failed
+        # Only here, after the call succeeded: a failed attempt Temporal retries counts nothing.
+        await self._count_tokens(req.tenant_id, result.input_tokens + result.output_tokens)
         return result
+
+    async def _count_tokens(self, tenant_id: str, tokens: int) -> None:
+        """Adds to the tenant's monthly token usage (core/usage.py); never fails the call."""
+        if tokens <= 0:
+            return
+        try:
+            await asyncio.to_thread(record_tokens, self._db, tenant_id, tokens)
+        except Exception:
+            # The answer is already paid for; losing the count beats failing the chain.
+            activity.logger.exception("could not record %d tokens for %s", tokens, tenant_id)
 
     @activity.defn(name="llm_embed")
     async def embed(self, req: EmbedRequest) -> EmbedResult:

@@ -2,19 +2,25 @@
 
 import asyncio
 import hmac
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPBearer
 from sqlmodel import Session, col, select
 from temporalio.client import Client
 
 from api.errors import APIError, not_found
+from core.access import ROLES, SEGMENT_TYPES, SYSTEM, at_least, required_level, scope_level
 from core.config import Settings
 from core.db import Database
+from core.identity import TokenError, Tokens, digest_matches, key_prefix, looks_like_jwt
+from core.models import AccessEntryRow, ApiKeyRow, MembershipRow, UserRow, as_utc, utcnow
+from core.ratelimit import RateLimiter
 from core.temporal import connect, ensure_search_attributes
+from core.usage import UsageMeter, period_reset
 
 T = TypeVar("T")
 
@@ -50,9 +56,14 @@ class AppState:
     settings: Settings
     db: Database
     temporal: TemporalHolder
+    tokens: Tokens
+    limiter: RateLimiter
+    usage: UsageMeter
+    started: float = field(default_factory=time.time)
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async: a plain def dependency costs a thread-pool hop on every request.
     state: AppState = request.app.state.chainloom
     return state
 
@@ -61,39 +72,279 @@ StateDep = Annotated[AppState, Depends(get_state)]
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 _bearer = HTTPBearer(auto_error=False)
+SESSION_COOKIE = "chainloom_session"
+# last_used_at is written at most this often per key, not on every request.
+_LAST_USED_EVERY = 60.0
 
 
 @dataclass
 class Principal:
+    """Who is calling: a user (JWT or session cookie), an API key, or the bootstrap key."""
+
     tenant_id: str
-    key_id: str
+    identity: str
+    kind: str  # user | key | bootstrap
+    role: str = "admin"  # the user's role in the tenant; keys act through their scopes
+    scopes: tuple[str, ...] = ()
+    user_id: str | None = None
+    system_admin: bool = False
+
+    @property
+    def key_id(self) -> str:  # kept for callers from before users existed
+        return self.identity
 
 
-def require_auth(
-    state: StateDep,
-    api_key: Annotated[str | None, Depends(_api_key_header)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    presented = api_key or (bearer.credentials if bearer else None)
-    if not presented:
-        raise APIError(
-            401,
-            "missing_api_key",
-            "authentication required: send the API key in X-API-Key or Authorization: Bearer",
-            headers={"WWW-Authenticate": "Bearer"},
+def _unauthorized(code: str, message: str) -> APIError:
+    return APIError(401, code, message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def presented_credential(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key.strip()
+    auth = request.headers.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.cookies.get(SESSION_COOKIE) or None
+
+
+def _key_principal(state: AppState, presented: str) -> Principal:
+    prefix = key_prefix(presented)
+    with state.db.session() as session:
+        row = (
+            session.exec(select(ApiKeyRow).where(ApiKeyRow.prefix == prefix)).first()
+            if prefix
+            else None
         )
+        if row is None or not digest_matches(presented, row.key_hash):
+            raise _unauthorized("invalid_api_key", "the API key is not valid")
+        now = utcnow()
+        if row.revoked_at is not None:
+            raise _unauthorized("revoked_api_key", "the API key has been revoked")
+        if row.expires_at is not None and as_utc(row.expires_at) <= now:
+            raise _unauthorized("expired_api_key", "the API key has expired")
+        last = as_utc(row.last_used_at) if row.last_used_at else None
+        if last is None or (now - last).total_seconds() > _LAST_USED_EVERY:
+            row.last_used_at = now
+            session.add(row)
+            session.commit()
+    return Principal(
+        tenant_id=row.tenant_id,
+        identity=row.id,
+        kind="key",
+        role="",
+        scopes=tuple(row.scopes),
+        user_id=row.user_id,
+    )
+
+
+def _user_principal(state: AppState, token: str) -> Principal:
+    try:
+        claims = state.tokens.check(token)
+    except TokenError as err:
+        raise _unauthorized("invalid_token", str(err)) from err
+    with state.db.session() as session:
+        user = session.get(UserRow, claims.user_id)
+        member = session.get(MembershipRow, (claims.tenant_id, claims.user_id))
+    if user is None or user.token_version != claims.version:
+        raise _unauthorized("invalid_token", "the token has been revoked; log in again")
+    if member is None:
+        raise _unauthorized("invalid_token", "the user is no longer a member of this tenant")
+    return Principal(
+        tenant_id=claims.tenant_id,
+        identity=user.id,
+        kind="user",
+        role=member.role,
+        user_id=user.id,
+        system_admin=user.email in state.settings.admin_email_set(),
+    )
+
+
+def is_bootstrap(state: AppState, presented: str | None) -> bool:
     expected = state.settings.api_key
-    if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
-        raise APIError(
-            401,
-            "invalid_api_key",
-            "the API key is not valid",
-            headers={"WWW-Authenticate": "Bearer"},
+    return bool(
+        presented and expected and hmac.compare_digest(presented.encode(), expected.encode())
+    )
+
+
+def bootstrap_principal(state: AppState) -> Principal:
+    return Principal(
+        tenant_id=state.settings.default_tenant,
+        identity="bootstrap",
+        kind="bootstrap",
+        system_admin=True,
+    )
+
+
+def authenticate(state: AppState, presented: str | None) -> Principal:
+    if not presented:
+        raise _unauthorized(
+            "missing_api_key",
+            "authentication required: send an API key in X-API-Key or Authorization: Bearer, "
+            "or a token from /login",
         )
-    return Principal(tenant_id=state.settings.default_tenant, key_id="bootstrap")
+    if is_bootstrap(state, presented):
+        return bootstrap_principal(state)
+    if looks_like_jwt(presented):
+        return _user_principal(state, presented)
+    return _key_principal(state, presented)
+
+
+# Routes that start a run: refused once the token quota is used up. Cancelling or approving
+# a run already going stays allowed.
+STARTS_RUNS = frozenset({"/tasks", "/runs"})
+
+
+def _route_path(request: Request) -> str:
+    return str(getattr(request.scope.get("route"), "path", request.url.path))
+
+
+def route_resource(request: Request) -> tuple[str, str | None]:
+    """The resource type a request acts on and the id in its path, if any."""
+    route = request.scope.get("route")
+    template = getattr(route, "path", request.url.path)
+    segment = template.strip("/").split("/", 1)[0]
+    kind = SEGMENT_TYPES.get(segment)
+    if kind is None:
+        # Every route is classified (tests/test_access_matrix.py); an unknown one is refused.
+        raise APIError(403, "forbidden", f"no permission rule covers {template}")
+    params = request.path_params
+    ident = next(iter(params.values()), None) if params else None
+    return kind, None if ident is None else str(ident)
+
+
+def effective_level(state: AppState, principal: Principal, kind: str, ident: str | None) -> str:
+    if principal.kind == "bootstrap":
+        return "manage"
+    base = (
+        scope_level(principal.scopes, kind)
+        if principal.kind == "key"
+        else ROLES.get(principal.role, "none")
+    )
+    with state.db.session() as session:
+        entries = session.exec(
+            select(AccessEntryRow).where(
+                AccessEntryRow.tenant_id == principal.tenant_id,
+                AccessEntryRow.identity == principal.identity,
+                AccessEntryRow.resource_type == kind,
+            )
+        ).all()
+    by_resource = {e.resource: e.permission for e in entries}
+    if ident is not None and ident in by_resource:
+        return by_resource[ident]
+    return by_resource.get("*", base)
+
+
+def _identify(
+    state: AppState, presented: str | None, kind: str, ident: str | None, needed: str
+) -> tuple[Principal, str]:
+    principal = authenticate(state, presented)
+    if needed == "none":
+        return principal, "none"
+    return principal, effective_level(state, principal, kind, ident)
+
+
+async def require_auth(
+    request: Request,
+    state: StateDep,
+    # Declared so the OpenAPI document shows both ways to send a credential.
+    _key: Annotated[str | None, Depends(_api_key_header)] = None,
+    _bearer: Annotated[Any, Depends(_bearer)] = None,
+) -> Principal:
+    """Authenticates, rate-limits, meters and authorizes one request (the only such check).
+
+    Every secured route depends on this; the route's path says which resource type it acts
+    on and its method which level it needs (core/access.py).
+    """
+    kind, ident = route_resource(request)
+    needed = required_level(kind, request.method)
+    presented = presented_credential(request)
+    if is_bootstrap(state, presented):
+        principal, level = bootstrap_principal(state), "manage"
+    else:
+        # One thread hop for the credential and the access entries: both read the database.
+        principal, level = await asyncio.to_thread(_identify, state, presented, kind, ident, needed)
+    request.state.principal = principal
+    tenant_limit = state.limiter.tenant_limit(await state.usage.rate_limit(principal.tenant_id))
+    verdict = await state.limiter.hit(
+        (state.limiter.per_identity, identity_counter(principal)),
+        (tenant_limit, f"tenant:{principal.tenant_id}"),
+    )
+    add_response_headers(request, verdict.headers())
+    if not verdict.allowed:
+        raise APIError(
+            429,
+            "rate_limited",
+            f"rate limit of {verdict.limit} requests exceeded; retry after "
+            f"{verdict.headers()['Retry-After']} s",
+            headers=verdict.headers(),
+        )
+    usage = await state.usage.count_request(principal.tenant_id)
+    add_response_headers(request, usage.headers())
+    if usage.refused:
+        raise APIError(
+            429,
+            "quota_exceeded",
+            f"monthly request quota of {usage.requests.limit} is used up; it resets on "
+            f"{period_reset(usage.period).date().isoformat()}",
+            headers={**usage.headers(), **_retry_at(period_reset(usage.period))},
+        )
+    if kind == SYSTEM and not principal.system_admin:
+        raise APIError(403, "forbidden", "only a system administrator may read /system")
+    if not at_least(level, needed):
+        raise APIError(
+            403,
+            "forbidden",
+            f"{needed} permission on {kind} is needed; this {principal.kind} has {level}",
+        )
+    if request.method == "POST" and _route_path(request) in STARTS_RUNS and usage.tokens.exhausted:
+        raise APIError(
+            429,
+            "quota_exceeded",
+            f"monthly token quota of {usage.tokens.limit} is used up; it resets on "
+            f"{period_reset(usage.period).date().isoformat()}",
+            headers={**usage.headers(), **_retry_at(period_reset(usage.period))},
+        )
+    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(require_auth)]
+
+
+def identity_counter(principal: Principal) -> str:
+    """The rate-limit key of one API key or user (GET /usage peeks at it)."""
+    return f"id:{principal.identity}"
+
+
+async def require_system_admin(principal: PrincipalDep) -> Principal:
+    if not principal.system_admin:
+        raise APIError(403, "forbidden", "only a system administrator may do this")
+    return principal
+
+
+async def limit_by_client(request: Request, state: StateDep) -> None:
+    """For routes without credentials (/login, /register): a limit per client address."""
+    client = request.client.host if request.client else "unknown"
+    verdict = await state.limiter.hit((state.limiter.login, f"ip:{client}:{request.url.path}"))
+    add_response_headers(request, verdict.headers())
+    if not verdict.allowed:
+        raise APIError(
+            429,
+            "rate_limited",
+            f"too many attempts; retry after {verdict.headers()['Retry-After']} s",
+            headers=verdict.headers(),
+        )
+
+
+def add_response_headers(request: Request, headers: dict[str, str]) -> None:
+    """Headers the middleware puts on the response, whatever it turns out to be (api/middleware)."""
+    extra: dict[str, str] = request.scope.setdefault("chainloom.headers", {})
+    extra.update(headers)
+
+
+def _retry_at(moment: datetime) -> dict[str, str]:
+    return {"Retry-After": str(max(1, int((moment - datetime.now(UTC)).total_seconds())))}
 
 
 def parse_cursor(cursor: str | None) -> datetime | None:

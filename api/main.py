@@ -8,25 +8,37 @@ from temporalio.client import Client
 
 from api import errors
 from api.deps import AppState, TemporalHolder, require_auth
+from api.middleware import RequestContext
 from api.routes import (
+    access,
+    activity,
     affinity,
+    apikeys,
     backends,
     events,
     functions,
     groups,
-    health,
     hooks,
+    identity,
     models,
+    ops,
     providers,
     queue,
     runs,
     state,
     taskchains,
+    tenants,
     triggers,
 )
+from api.routes import usage as usage_routes
 from core.config import Settings, get_settings
 from core.db import Database
 from core.events import wait_for_background_dispatches
+from core.identity import Tokens
+from core.ratelimit import RateLimiter
+from core.request_log import RequestLog
+from core.secrets import SecretBox
+from core.usage import UsageMeter
 
 API_DESCRIPTION = (
     "Durable LLM task chains on Temporal. Follows the contenox runtime API (seed 003): "
@@ -41,8 +53,23 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.resolved_database_url())
         db.migrate()
-        app.state.chainloom = AppState(settings, db, TemporalHolder(settings, temporal))
+        secret = settings.jwt_secret.encode() or SecretBox.from_settings(settings).derive("jwt")
+        tokens = Tokens(secret, settings.access_token_ttl, settings.refresh_token_ttl)
+        usage = UsageMeter(db, settings)
+        app.state.chainloom = AppState(
+            settings,
+            db,
+            TemporalHolder(settings, temporal),
+            tokens,
+            RateLimiter(settings),
+            usage,
+        )
+        app.state.request_log = request_log = RequestLog(db)
+        usage.start()
+        request_log.start()
         yield
+        await request_log.stop()
+        await usage.stop()
         # Trigger dispatches still starting workflows for appends already answered.
         await wait_for_background_dispatches()
         clients = getattr(app.state, "probe_clients", None)
@@ -54,7 +81,9 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         title="chainloom", version="0.1.0", description=API_DESCRIPTION, lifespan=lifespan
     )
     errors.install(app)
-    app.include_router(health.router)
+    app.add_middleware(RequestContext)
+    for module in (ops, identity):
+        app.include_router(module.public_router)
     secured = [Depends(require_auth)]
     for module in (
         taskchains,
@@ -70,6 +99,13 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         triggers,
         hooks,
         functions,
+        identity,
+        apikeys,
+        tenants,
+        access,
+        usage_routes,
+        ops,
+        activity,
     ):
         app.include_router(module.router, dependencies=secured)
     return app

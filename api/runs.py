@@ -22,6 +22,7 @@ from api.deps import AppState, Principal
 from api.errors import APIError, not_found
 from chains.spec import ChainDefinition
 from core.models import RunRow, TaskChainRow, rfc3339, utcnow
+from core.request_log import note_run
 from workflows.search import CHAIN_ID, RUN_KIND, TENANT_ID
 from workflows.types import ChainRunInput, RunOptions
 
@@ -107,6 +108,7 @@ async def start_run(
         static_summary=f"chain {chain.id}",
     )
     await asyncio.to_thread(_insert, state, run)
+    note_run(run.id)
     return run, handle
 
 

@@ -114,6 +114,10 @@ class Stack:
             "CHAINLOOM_ROUTING_CACHE_SECONDS": 0,
             "CHAINLOOM_SECRET_KEY": cls.SECRET_KEY,
             "CHAINLOOM_DATA_DIR": tempfile.mkdtemp(prefix="chainloom-test-"),
+            # Shared stacks serve many tests a minute; rate-limit tests set their own limits.
+            "CHAINLOOM_RATE_LIMIT": "1000000/minute",
+            "CHAINLOOM_TENANT_RATE_LIMIT": "1000000/minute",
+            "CHAINLOOM_LOGIN_RATE_LIMIT": "1000000/minute",
             **overrides,
         }
         Database(database_url).migrate()

@@ -108,7 +108,7 @@ def test_dev_serves_health_ui_and_api_then_stops_on_sigterm(tmp_path: Path) -> N
         assert key, "".join(seen) + (log.read_text() if log.exists() else "")
         assert time.monotonic() - started < 60
         base = f"http://127.0.0.1:{port}"
-        assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+        assert httpx.get(f"{base}/health").json()["status"] == "ok"
         assert httpx.get(f"{base}/taskchains").status_code == 401
         assert httpx.get(f"{base}/taskchains", headers={"X-API-Key": key}).status_code == 200
         ui = httpx.get(f"http://127.0.0.1:{ui_port}/", timeout=30)

@@ -1,0 +1,80 @@
+"""Pure ASGI middleware (streams pass through untouched): per-request headers, timing and log.
+
+Dependencies put headers in scope["chainloom.headers"] (rate limits, usage); they are added
+to whatever response goes out, errors and 429s included. Authenticated requests are written
+to the request log (core/request_log.py) when their response starts: changes before it is
+sent, so an answered change is always in the audit log.
+"""
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from core import request_log
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger("chainloom.api")
+
+
+async def _log_request(scope: Scope, status: int, run: dict[str, str]) -> None:
+    app = scope.get("app")
+    sink = getattr(getattr(app, "state", None), "request_log", None)
+    if sink is None:
+        return
+    duration_ms = (time.perf_counter() - scope["chainloom.started"]) * 1000
+    try:
+        row = request_log.entry(scope, status, duration_ms, run.get("run_id"))
+        if row is not None:
+            await sink.record(row)
+    except Exception:
+        # Logging must never turn an answered request into a failure.
+        log.exception("could not log request %s %s", scope.get("method"), scope.get("path"))
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+        scope["chainloom.request_id"] = request_id
+        scope["chainloom.started"] = time.perf_counter()
+        scope.setdefault("chainloom.headers", {})
+        run, token = request_log.open_run_holder()
+        logged = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal logged
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                for name, value in scope["chainloom.headers"].items():
+                    if name.lower().encode() not in present:
+                        headers.append((name.lower().encode(), value.encode()))
+                headers.append((b"x-request-id", request_id.encode()))
+                message["headers"] = headers
+                scope["chainloom.status"] = message["status"]
+                if not logged:
+                    logged = True
+                    await _log_request(scope, message["status"], run)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            if not logged:  # the server answers 500 outside this middleware
+                logged = True
+                await _log_request(scope, 500, run)
+            raise
+        finally:
+            request_log.close_run_holder(token)

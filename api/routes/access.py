@@ -1,0 +1,246 @@
+"""/access-control and /permissions (seed 003): per-identity permission levels on resources.
+
+The entries are read by api.deps.require_auth on every request, so a change applies to the
+very next request of that identity.
+"""
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from api.deps import PrincipalDep, StateDep, owned, page_limit, parse_cursor
+from api.errors import APIError
+from core.access import LEVELS, RESOURCE_TYPES
+from core.models import AccessEntryRow, ApiKeyRow, MembershipRow, UserRow, rfc3339, utcnow
+
+router = APIRouter(tags=["access-control"])
+
+_TYPES = sorted(RESOURCE_TYPES)
+
+
+class AccessEntryIn(BaseModel):
+    """seed 003 accessservice_AccessEntryRequest; read-only fields are accepted and ignored."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+    identity: str = Field(..., min_length=1, max_length=64, description="A user or API key id.")
+    resource: str = Field(
+        "*", min_length=1, max_length=400, description="A resource id, or * for all of the type."
+    )
+    resource_type: str = Field(..., alias="resourceType", description=f"One of {_TYPES}.")
+    permission: str = Field(..., description="none, view, edit or manage.")
+
+    @field_validator("resource_type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in RESOURCE_TYPES:
+            raise ValueError(f"resourceType must be one of {', '.join(_TYPES)}")
+        return value
+
+    @field_validator("permission")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value not in LEVELS:
+            raise ValueError(f"permission must be one of {', '.join(LEVELS)}")
+        return value
+
+
+class AccessEntryOut(BaseModel):
+    id: str
+    identity: str
+    identityType: str
+    resource: str
+    resourceType: str
+    permission: str
+    createdAt: str
+    updatedAt: str
+    identityDetails: dict[str, Any] | None = None
+
+
+def _identity_of(session: Session, tenant_id: str, identity: str) -> tuple[str, dict[str, Any]]:
+    """('user'|'key', details) for an identity of the tenant; 422 for anyone else's."""
+    member = session.get(MembershipRow, (tenant_id, identity))
+    if member is not None:
+        user = session.get(UserRow, identity)
+        if user is not None:
+            return "user", {
+                "id": user.id,
+                "email": user.email,
+                "friendlyName": user.friendly_name,
+                "role": member.role,
+            }
+    key = session.get(ApiKeyRow, identity)
+    if key is not None and key.tenant_id == tenant_id:
+        return "key", {"id": key.id, "name": key.name, "prefix": key.prefix}
+    raise APIError(
+        422,
+        "unknown_identity",
+        f"identity {identity!r} is neither a user nor an API key of this tenant",
+        param="identity",
+    )
+
+
+def _entry_json(session: Session, row: AccessEntryRow, expand: bool) -> dict[str, Any]:
+    try:
+        kind, details = _identity_of(session, row.tenant_id, row.identity)
+    except APIError:  # the identity was deleted since; the entry is inert
+        kind, details = "unknown", {}
+    return {
+        "id": row.id,
+        "identity": row.identity,
+        "identityType": kind,
+        "resource": row.resource,
+        "resourceType": row.resource_type,
+        "permission": row.permission,
+        "createdAt": rfc3339(row.created_at),
+        "updatedAt": rfc3339(row.updated_at),
+        "identityDetails": details if expand else None,
+    }
+
+
+def _expand(expand: str | None) -> bool:
+    if expand in (None, ""):
+        return False
+    if expand != "user":
+        raise APIError(400, "invalid_expand", "expand accepts only 'user'", param="expand")
+    return True
+
+
+@router.get(
+    "/access-control",
+    response_model=list[AccessEntryOut],
+    summary="Lists access control entries with optional filtering and pagination.",
+)
+async def list_entries(
+    state: StateDep,
+    principal: PrincipalDep,
+    identity: str | None = None,
+    expand: str | None = None,
+    from_: str | None = Query(None, alias="from", description="RFC 3339 createdAt cursor."),
+    limit: str | None = None,
+) -> list[dict[str, Any]]:
+    with_details = _expand(expand)
+    after = parse_cursor(from_)
+    size = page_limit(limit)
+
+    def load() -> list[dict[str, Any]]:
+        with state.db.session() as session:
+            query = select(AccessEntryRow).where(AccessEntryRow.tenant_id == principal.tenant_id)
+            if identity:
+                query = query.where(AccessEntryRow.identity == identity)
+            if after is not None:
+                query = query.where(col(AccessEntryRow.created_at) > after)
+            query = query.order_by(col(AccessEntryRow.created_at), col(AccessEntryRow.id))
+            rows = session.exec(query.limit(size)).all()
+            return [_entry_json(session, row, with_details) for row in rows]
+
+    return await asyncio.to_thread(load)
+
+
+@router.post(
+    "/access-control",
+    status_code=201,
+    response_model=AccessEntryOut,
+    summary="Creates a new access control entry.",
+)
+async def create_entry(
+    body: AccessEntryIn, state: StateDep, principal: PrincipalDep
+) -> dict[str, Any]:
+    def create() -> dict[str, Any]:
+        with state.db.session() as session:
+            _identity_of(session, principal.tenant_id, body.identity)
+            row = AccessEntryRow(
+                tenant_id=principal.tenant_id,
+                identity=body.identity,
+                resource_type=body.resource_type,
+                resource=body.resource,
+                permission=body.permission,
+            )
+            session.add(row)
+            try:
+                session.commit()
+            except IntegrityError as err:
+                raise APIError(
+                    409,
+                    "entry_exists",
+                    f"{body.identity} already has an entry for {body.resource_type}/"
+                    f"{body.resource}; update it with PUT /access-control/{{id}}",
+                ) from err
+            return _entry_json(session, row, True)
+
+    return await asyncio.to_thread(create)
+
+
+@router.get(
+    "/access-control/{id}",
+    response_model=AccessEntryOut,
+    summary="Retrieves an access control entry by its unique ID.",
+)
+async def get_entry(
+    id: str, state: StateDep, principal: PrincipalDep, expand: str | None = None
+) -> dict[str, Any]:
+    with_details = _expand(expand)
+
+    def load() -> dict[str, Any]:
+        with state.db.session() as session:
+            row = owned(session, AccessEntryRow, id, principal.tenant_id, "access entry")
+            return _entry_json(session, row, with_details)
+
+    return await asyncio.to_thread(load)
+
+
+@router.put(
+    "/access-control/{id}",
+    response_model=AccessEntryOut,
+    summary="Updates an existing access control entry.",
+)
+async def update_entry(
+    id: str, body: AccessEntryIn, state: StateDep, principal: PrincipalDep
+) -> dict[str, Any]:
+    def update() -> dict[str, Any]:
+        with state.db.session() as session:
+            row = owned(session, AccessEntryRow, id, principal.tenant_id, "access entry")
+            _identity_of(session, principal.tenant_id, body.identity)
+            row.identity = body.identity
+            row.resource_type = body.resource_type
+            row.resource = body.resource
+            row.permission = body.permission
+            row.updated_at = utcnow()
+            session.add(row)
+            try:
+                session.commit()
+            except IntegrityError as err:
+                raise APIError(
+                    409, "entry_exists", "another entry already covers that identity and resource"
+                ) from err
+            return _entry_json(session, row, True)
+
+    return await asyncio.to_thread(update)
+
+
+@router.delete(
+    "/access-control/{id}", response_model=str, summary="Deletes an access control entry."
+)
+async def delete_entry(id: str, state: StateDep, principal: PrincipalDep) -> str:
+    def delete() -> None:
+        with state.db.session() as session:
+            row = owned(session, AccessEntryRow, id, principal.tenant_id, "access entry")
+            session.delete(row)
+            session.commit()
+
+    await asyncio.to_thread(delete)
+    return "access entry deleted"
+
+
+@router.get(
+    "/permissions",
+    response_model=list[str],
+    summary="Returns the list of supported permission levels.",
+    description="Permissions: none, view, edit, manage (in increasing order of privilege).",
+)
+async def permissions() -> list[str]:
+    return list(LEVELS)

@@ -1,0 +1,283 @@
+"""Operations: liveness, readiness and ping (no auth), and /system for system administrators.
+
+/health answers from the process alone, so an orchestrator never restarts the API because a
+dependency is down; /ready is what says whether the dependencies answer.
+"""
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import psutil
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import Client
+
+from api.deps import AppState, StateDep
+
+public_router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"])
+
+_MB = 1024 * 1024
+
+
+def _uptime(state: AppState) -> float:
+    return round(time.time() - state.started, 3)
+
+
+@public_router.get("/health", summary="Liveness: the process answers (checks no dependency).")
+def health(request: Request) -> dict[str, Any]:
+    state: AppState = request.app.state.chainloom
+    return {
+        "status": "ok",
+        "version": request.app.version,
+        "uptimeSeconds": _uptime(state),
+        "memoryMB": round(psutil.Process().memory_info().rss / _MB, 1),
+    }
+
+
+@public_router.get("/ping", summary="Answers pong.")
+def ping() -> dict[str, str]:
+    return {"msg": "pong"}
+
+
+async def _check(probe: Callable[[], Awaitable[Any]], limit: float) -> dict[str, Any]:
+    """Runs one probe within `limit` seconds: {"ok", "latencyMs"} plus "error" when it failed."""
+    started = time.perf_counter()
+    result: dict[str, Any] = {"ok": True}
+    try:
+        await asyncio.wait_for(probe(), limit)
+    except TimeoutError:
+        result = {"ok": False, "error": f"no answer within {limit:g} s"}
+    except Exception as err:
+        result = {"ok": False, "error": _describe(err)}
+    result["latencyMs"] = round((time.perf_counter() - started) * 1000, 2)
+    return result
+
+
+def _describe(err: Exception) -> str:
+    message = getattr(err, "message", None) or str(err) or type(err).__name__
+    return str(message)[:500]
+
+
+def _database_probe(state: AppState) -> Callable[[], Awaitable[Any]]:
+    def select_one() -> None:
+        with state.db.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    return lambda: asyncio.to_thread(select_one)
+
+
+def _temporal_probe(state: AppState) -> Callable[[], Awaitable[Any]]:
+    async def probe() -> None:
+        # get() raises APIError 503 while Temporal has never been reachable; the SDK client,
+        # once made, reconnects by itself when the server comes back.
+        client = await state.temporal.get()
+        await client.service_client.check_health(
+            timeout=timedelta(seconds=state.settings.ready_timeout)
+        )
+
+    return probe
+
+
+def _http_probe(url: str, timeout: float) -> Callable[[], Awaitable[Any]]:
+    async def probe() -> None:
+        async with httpx.AsyncClient(timeout=timeout) as http:
+            response = await http.get(url)
+            if response.status_code >= 400:
+                raise RuntimeError(f"GET {url} answered {response.status_code}")
+
+    return probe
+
+
+def _redis_probe(url: str) -> Callable[[], Awaitable[Any]]:
+    async def probe() -> None:
+        from redis.asyncio import from_url  # only deployments with REDIS_URL need it
+
+        client = from_url(url)
+        try:
+            await cast(Awaitable[Any], client.ping())  # typed sync|async by redis-py
+        finally:
+            await client.aclose()
+
+    return probe
+
+
+def _qdrant_url(state: AppState) -> str:
+    return state.settings.qdrant_url.rstrip("/")
+
+
+@public_router.get(
+    "/ready",
+    summary="Readiness: database, Temporal and (when configured) Qdrant and Redis answer.",
+    responses={503: {"description": "A dependency does not answer; see checks."}},
+)
+async def ready(request: Request) -> JSONResponse:
+    state: AppState = request.app.state.chainloom
+    timeout = state.settings.ready_timeout
+    started = time.perf_counter()
+    probes: dict[str, Callable[[], Awaitable[Any]]] = {
+        "database": _database_probe(state),
+        "temporal": _temporal_probe(state),
+    }
+    optional = {"qdrant": _qdrant_url(state), "redis": state.settings.redis_url}
+    if optional["qdrant"]:
+        probes["qdrant"] = _http_probe(f"{optional['qdrant']}/readyz", timeout)
+    if optional["redis"]:
+        probes["redis"] = _redis_probe(optional["redis"])
+    results = await asyncio.gather(*(_check(p, timeout) for p in probes.values()))
+    checks: dict[str, Any] = dict(zip(probes, results, strict=True))
+    for name, url in optional.items():
+        if not url:
+            checks[name] = {"ok": True, "skipped": True}
+    ok = all(check["ok"] for check in checks.values())
+    return JSONResponse(
+        status_code=200 if ok else 503,
+        content={
+            "status": "ready" if ok else "not_ready",
+            "checks": checks,
+            "totalLatencyMs": round((time.perf_counter() - started) * 1000, 2),
+        },
+    )
+
+
+def _disk_path(path: Path) -> Path:
+    """The data directory, or its nearest existing parent (it may not be made yet)."""
+    path = path.resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _resources(state: AppState) -> dict[str, Any]:
+    memory = psutil.virtual_memory()
+    disk_at = _disk_path(state.settings.data_dir)
+    disk = psutil.disk_usage(str(disk_at))
+    proc = psutil.Process()
+    with proc.oneshot():
+        rss = proc.memory_info().rss
+        threads = proc.num_threads()
+        fds = proc.num_fds() if hasattr(proc, "num_fds") else len(proc.open_files())
+        process_cpu = proc.cpu_percent(interval=None)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+    return {
+        "cpu": {
+            "count": psutil.cpu_count() or 0,
+            # A short sample: the first interval-less reading of a process is always 0.
+            "percent": psutil.cpu_percent(interval=0.1),
+            "loadAverage": [round(x, 2) for x in load],
+        },
+        "memory": {
+            "totalMB": round(memory.total / _MB, 1),
+            "usedMB": round(memory.used / _MB, 1),
+            "availableMB": round(memory.available / _MB, 1),
+            "percent": memory.percent,
+        },
+        "disk": {
+            "path": str(disk_at),
+            "totalMB": round(disk.total / _MB, 1),
+            "usedMB": round(disk.used / _MB, 1),
+            "freeMB": round(disk.free / _MB, 1),
+            "percent": disk.percent,
+        },
+        "process": {
+            "pid": proc.pid,
+            "rssMB": round(rss / _MB, 1),
+            "threads": threads,
+            "openFiles": fds,
+            "cpuPercent": process_cpu,
+            "uptimeSeconds": _uptime(state),
+        },
+    }
+
+
+@router.get("/system/resources", summary="CPU, memory and disk of this API process's host.")
+async def system_resources(state: StateDep) -> dict[str, Any]:
+    return await asyncio.to_thread(_resources, state)
+
+
+async def _pollers(client: Client, namespace: str, queue: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name, kind in (
+        ("workflow", TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW),
+        ("activity", TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY),
+    ):
+        response = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=namespace, task_queue=TaskQueue(name=queue), task_queue_type=kind
+            )
+        )
+        counts[name] = len(response.pollers)
+    return counts
+
+
+def _status(check: dict[str, Any]) -> dict[str, Any]:
+    view = {"status": "up" if check["ok"] else "down", "latencyMs": check["latencyMs"]}
+    if not check["ok"]:
+        view["error"] = check["error"]
+    return view
+
+
+@router.get("/system/services", summary="Each service chainloom depends on and whether it is up.")
+async def system_services(request: Request, state: StateDep) -> list[dict[str, Any]]:
+    settings = state.settings
+    timeout = settings.ready_timeout
+    database, temporal = await asyncio.gather(
+        _check(_database_probe(state), timeout), _check(_temporal_probe(state), timeout)
+    )
+    services: list[dict[str, Any]] = [
+        {
+            "name": "api",
+            "status": "up",
+            "version": request.app.version,
+            "uptimeSeconds": _uptime(state),
+        },
+        {"name": "database", **_status(database), "dialect": state.db.engine.dialect.name},
+        {
+            "name": "temporal",
+            **_status(temporal),
+            "address": settings.temporal_address,
+            "namespace": settings.temporal_namespace,
+        },
+    ]
+    workers: dict[str, Any] = {"name": "workers", "taskQueue": settings.task_queue}
+    if temporal["ok"]:
+        counts: dict[str, int] = {}
+
+        async def describe() -> None:
+            client = await state.temporal.get()
+            counts.update(await _pollers(client, settings.temporal_namespace, settings.task_queue))
+
+        check = await _check(describe, timeout)
+        if check["ok"]:
+            pollers = counts["workflow"] + counts["activity"]
+            workers.update(
+                status="up" if pollers else "down",
+                pollers=pollers,
+                workflowPollers=counts["workflow"],
+                activityPollers=counts["activity"],
+            )
+        else:
+            workers.update(status="unknown", error=check["error"])
+    else:
+        workers.update(status="unknown", error="Temporal is not reachable")
+    services.append(workers)
+    qdrant = _qdrant_url(state)
+    if qdrant:
+        check = await _check(_http_probe(f"{qdrant}/readyz", timeout), timeout)
+        services.append({"name": "qdrant", **_status(check), "url": qdrant})
+    else:
+        services.append({"name": "qdrant", "status": "not_configured"})
+    if settings.redis_url:
+        check = await _check(_redis_probe(settings.redis_url), timeout)
+        services.append({"name": "redis", **_status(check)})
+    return services
