@@ -111,11 +111,12 @@ class LLMActivities:
     @activity.defn(name="llm_embed")
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         async def call(backend: BackendRef, model: str) -> EmbedResult:
-            vector = await self._clients.embed(backend, model, req.text)
-            return EmbedResult(vector=vector, model=model, backend=backend.name)
+            vector, tokens = await self._clients.embed(backend, model, req.text)
+            return EmbedResult(vector=vector, model=model, backend=backend.name, tokens=tokens)
 
         result, failed = await _with_heartbeat(self._route(req.tenant_id, req.choice, call))
         result.failed_over = failed
+        await self._count_tokens(req.tenant_id, result.tokens)
         return result
 
     def _load_view(self, tenant_id: str) -> _TenantView:

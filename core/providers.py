@@ -214,13 +214,17 @@ class ProviderClients:
             tool_calls=calls,
         )
 
-    async def embed(self, backend: BackendRef, model: str, text: str) -> list[float]:
+    async def embed(self, backend: BackendRef, model: str, text: str) -> tuple[list[float], int]:
+        """The vector and the input tokens the provider reports (0 when it reports none)."""
         try:
             if backend.type == "ollama":
                 reply = await self._ollama_client(backend).embed(model=model, input=text)
-                return [float(x) for x in reply.embeddings[0]]
+                tokens = int(getattr(reply, "prompt_eval_count", None) or 0)
+                return [float(x) for x in reply.embeddings[0]], tokens
             result = await self._openai_client(backend).embeddings.create(model=model, input=text)
-            return [float(x) for x in result.data[0].embedding]
+            usage = getattr(result, "usage", None)
+            tokens = int(getattr(usage, "prompt_tokens", None) or 0)
+            return [float(x) for x in result.data[0].embedding], tokens
         except Exception as err:
             raise classify(err, backend) from err
 

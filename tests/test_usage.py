@@ -273,3 +273,27 @@ def test_token_count_never_fails_the_call() -> None:
     acts = LLMActivities(BrokenDatabase(), ProviderClients())  # type: ignore[arg-type]
     asyncio.run(acts._count_tokens("tenant", 12))  # logs, and does not raise
     asyncio.run(acts._count_tokens("tenant", 0))
+
+
+def test_embedding_tokens_count_too(
+    make_stack: StackFactory, database_url: str, llm: ScriptedLLM
+) -> None:
+    stack = make_stack(database_url)
+    add_backend(stack, llm)
+    chain = {
+        "id": "embed-" + uuid.uuid4().hex[:8],
+        "tasks": [
+            {
+                "id": "vector",
+                "handler": "text_to_embedding",
+                "execute_config": {"model": "nomic-embed-text"},
+            }
+        ],
+    }
+    text = "count these words please"
+    resp = stack.http.post("/tasks", json={"chain": chain, "input": text})
+    assert resp.status_code == 200, resp.text
+    assert llm.count("/v1/embeddings") == 1
+    # The scripted server reports usage.prompt_tokens exactly as it counts them.
+    body = wait_for_tokens(stack.http, count_tokens(text))
+    assert body["tokens"]["used"] == count_tokens(text) > 0

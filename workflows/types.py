@@ -85,6 +85,7 @@ class EmbedResult:
     model: str
     backend: str
     failed_over: list[str] = field(default_factory=list)
+    tokens: int = 0
 
 
 @dataclass
