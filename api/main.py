@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
             RateLimiter(settings),
             usage,
         )
-        app.state.request_log = request_log = RequestLog(db)
+        app.state.request_log = request_log = RequestLog(db, settings.request_log_days)
         usage.start()
         request_log.start()
         yield

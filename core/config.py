@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     request_quota: int = Field(0, alias="CHAINLOOM_MONTHLY_REQUEST_QUOTA")
     token_quota: int = Field(0, alias="CHAINLOOM_MONTHLY_TOKEN_QUOTA")
 
+    # /activity and /audit entries older than this many days are deleted (0 keeps them all).
+    request_log_days: float = Field(90.0, alias="CHAINLOOM_REQUEST_LOG_DAYS")
+
     # /ready checks Qdrant only when this is set.
     qdrant_url: str = Field("", alias="CHAINLOOM_QDRANT_URL")
     ready_timeout: float = Field(2.0, alias="CHAINLOOM_READY_TIMEOUT")

@@ -362,6 +362,7 @@ class RequestLogRow(SQLModel, table=True):
     __table_args__ = (
         Index("ix_request_log_time", "tenant_id", "at"),
         Index("ix_request_log_op", "tenant_id", "operation", "subject", "at"),
+        Index("ix_request_log_at", "at"),  # retention deletes across tenants
     )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=64)

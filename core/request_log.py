@@ -7,15 +7,20 @@ and written once a second, so a crash loses at most about a second of read entri
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Mapping
 from contextvars import ContextVar
+from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import delete
 from sqlalchemy.exc import OperationalError
+from sqlmodel import col
 
 from core.access import SEGMENT_TYPES
 from core.db import Database
-from core.models import RequestLogRow
+from core.models import RequestLogRow, utcnow
 
 log = logging.getLogger("chainloom.request_log")
 
@@ -99,12 +104,39 @@ def entry(
 
 class RequestLog:
     FLUSH_SECONDS = 1.0
+    PRUNE_SECONDS = 3600.0
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, retention_days: float = 0) -> None:
         self._db = db
+        self._retention_days = retention_days
+        self._pruned_at = -math.inf
         self._pending: list[RequestLogRow] = []
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+
+    def prune(self, now: datetime | None = None) -> int:
+        """Deletes entries older than the retention period; returns how many."""
+        if self._retention_days <= 0:
+            return 0
+        cutoff = (now or utcnow()) - timedelta(days=self._retention_days)
+        with self._db.session() as session:
+            result = session.execute(delete(RequestLogRow).where(col(RequestLogRow.at) < cutoff))
+            session.commit()
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    async def _maybe_prune(self) -> None:
+        if time.monotonic() - self._pruned_at < self.PRUNE_SECONDS:
+            return
+        self._pruned_at = time.monotonic()
+        try:
+            removed = await asyncio.to_thread(self.prune)
+        except Exception:
+            log.exception("request log pruning failed; trying again in an hour")
+            return
+        if removed:
+            log.info(
+                "request log: removed %d entries older than %s days", removed, self._retention_days
+            )
 
     def _write(self, rows: list[RequestLogRow]) -> None:
         with self._db.session() as session:
@@ -161,6 +193,7 @@ class RequestLog:
         while True:
             await asyncio.sleep(self.FLUSH_SECONDS)
             await self.flush()
+            await self._maybe_prune()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())

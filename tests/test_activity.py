@@ -264,3 +264,35 @@ def test_changes_are_logged_before_the_response(
             assert not any(r["subjectId"] == backend_id for r in reads)
     finally:
         api.stop()
+
+
+def test_entries_past_retention_are_pruned(database_url: str) -> None:
+    from datetime import timedelta
+
+    from sqlmodel import select
+
+    from core.models import RequestLogRow, utcnow
+
+    db = Database(database_url)
+    tenant = "retention-" + uuid.uuid4().hex[:8]
+    now = utcnow()
+    try:
+        with db.session() as session:
+            for days in (1, 29, 31, 400):
+                session.add(
+                    RequestLogRow(
+                        tenant_id=tenant,
+                        at=now - timedelta(days=days),
+                        method="GET",
+                        path=f"/{days}",
+                        status=200,
+                    )
+                )
+            session.commit()
+        assert RequestLog(db, retention_days=0).prune(now) == 0
+        assert RequestLog(db, retention_days=30).prune(now) >= 2
+        with db.session() as session:
+            left = session.exec(select(RequestLogRow).where(RequestLogRow.tenant_id == tenant))
+            assert sorted(r.path for r in left) == ["/1", "/29"]
+    finally:
+        db.dispose()
