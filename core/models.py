@@ -4,7 +4,17 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    Text,
+    UniqueConstraint,
+)
 from sqlmodel import Field, SQLModel
 
 
@@ -298,8 +308,23 @@ class UserRow(SQLModel, table=True):
     password_hash: str = Field(max_length=400)
     # Bumped on delete and password change: every JWT carrying an older value stops working.
     token_version: int = Field(default=0, sa_column=Column(Integer, nullable=False))
+    # Set only by another system administrator (POST /system/admins), never by the user.
+    system_admin: bool = Field(default=False, sa_column=Column(Boolean, nullable=False))
     created_at: datetime = _ts()
     updated_at: datetime = _ts()
+
+
+class RevokedTokenRow(SQLModel, table=True):
+    """JWT ids refused before they expire: used refresh tokens and logged-out sessions."""
+
+    __tablename__ = "revoked_token"
+
+    jti: str = Field(primary_key=True, max_length=64)
+    tenant_id: str = Field(max_length=64)
+    user_id: str = Field(max_length=64)
+    expires_at: datetime = Field(
+        sa_column=Column(DateTime(timezone=True), nullable=False, index=True)
+    )
 
 
 class MembershipRow(SQLModel, table=True):

@@ -5,6 +5,7 @@ dependency is down; /ready is what says whether the dependencies answer.
 """
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -23,8 +24,10 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
 from api.deps import AppState, StateDep
+from api.errors import APIError
 
 public_router = APIRouter(tags=["operations"])
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["operations"])
 
 _MB = 1024 * 1024
@@ -35,7 +38,7 @@ def _uptime(state: AppState) -> float:
 
 
 @public_router.get("/health", summary="Liveness: the process answers (checks no dependency).")
-def health(request: Request) -> dict[str, Any]:
+async def health(request: Request) -> dict[str, Any]:
     state: AppState = request.app.state.chainloom
     return {
         "status": "ok",
@@ -46,12 +49,19 @@ def health(request: Request) -> dict[str, Any]:
 
 
 @public_router.get("/ping", summary="Answers pong.")
-def ping() -> dict[str, str]:
+async def ping() -> dict[str, str]:
     return {"msg": "pong"}
 
 
-async def _check(probe: Callable[[], Awaitable[Any]], limit: float) -> dict[str, Any]:
-    """Runs one probe within `limit` seconds: {"ok", "latencyMs"} plus "error" when it failed."""
+async def _check(
+    probe: Callable[[], Awaitable[Any]], limit: float, detailed: bool = True
+) -> dict[str, Any]:
+    """Runs one probe within `limit` seconds: {"ok", "latencyMs"} plus "error" when it failed.
+
+    `detailed=False` (the public /ready) names only the kind of failure: driver messages
+    carry hosts, ports and user names that anonymous callers should not read. The full
+    message goes to the log and to /system/services.
+    """
     started = time.perf_counter()
     result: dict[str, Any] = {"ok": True}
     try:
@@ -59,9 +69,16 @@ async def _check(probe: Callable[[], Awaitable[Any]], limit: float) -> dict[str,
     except TimeoutError:
         result = {"ok": False, "error": f"no answer within {limit:g} s"}
     except Exception as err:
-        result = {"ok": False, "error": _describe(err)}
+        log.warning("readiness probe failed: %s", _describe(err))
+        result = {"ok": False, "error": _describe(err) if detailed else _kind(err)}
     result["latencyMs"] = round((time.perf_counter() - started) * 1000, 2)
     return result
+
+
+def _kind(err: Exception) -> str:
+    if isinstance(err, APIError):
+        return "unreachable"
+    return f"unreachable ({type(err).__name__})"
 
 
 def _describe(err: Exception) -> str:
@@ -134,7 +151,7 @@ async def ready(request: Request) -> JSONResponse:
         probes["qdrant"] = _http_probe(f"{optional['qdrant']}/readyz", timeout)
     if optional["redis"]:
         probes["redis"] = _redis_probe(optional["redis"])
-    results = await asyncio.gather(*(_check(p, timeout) for p in probes.values()))
+    results = await asyncio.gather(*(_check(p, timeout, False) for p in probes.values()))
     checks: dict[str, Any] = dict(zip(probes, results, strict=True))
     for name, url in optional.items():
         if not url:
