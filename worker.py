@@ -59,6 +59,7 @@ def build_worker(
         tables_ttl=settings.routing_cache_seconds,
         groups_enabled=settings.groups_enabled,
         down_seconds=settings.backend_down_seconds,
+        token_quota=settings.token_quota,
     )
     sync = SyncActivities(
         db,

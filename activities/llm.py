@@ -25,10 +25,11 @@ from core.health import Health, group_pairs, load_health, mark_down, mark_up
 from core.models import utcnow
 from core.providers import BackendRef, ProviderClients, ProviderError, same_model
 from core.secrets import SecretBox
-from core.usage import record_tokens
+from core.usage import Quota, record_tokens, token_quota
 from workflows.types import EmbedRequest, EmbedResult, LLMRequest, LLMResult, ModelChoice
 
 PERMANENT = "PermanentLLMError"
+QUOTA = "QuotaExceeded"
 T = TypeVar("T")
 
 
@@ -61,8 +62,12 @@ class LLMActivities:
         tables_ttl: float = 5.0,
         groups_enabled: bool = False,
         down_seconds: float = 30.0,
+        token_quota: int = 0,
     ) -> None:
         self._db = db
+        self._token_quota_default = token_quota
+        # Per tenant: (when read, this month's tokens against the quota), kept like the views.
+        self._quotas: dict[str, tuple[float, Quota]] = {}
         self._clients = clients
         self._secrets = secrets
         self._default_model = default_model
@@ -73,9 +78,32 @@ class LLMActivities:
         # Reading the tables on every call cost ~2 ms a step (benchmarks); they change rarely.
         self._views: dict[str, _TenantView] = {}
 
+    async def _check_quota(self, tenant_id: str) -> None:
+        """Refuses a model call once the tenant's monthly token quota is used up.
+
+        The API refuses new runs then; this also stops runs already going and those started
+        by event triggers, so no path spends past the quota by more than the call in flight.
+        """
+        cached = self._quotas.get(tenant_id)
+        if cached is None or time.monotonic() - cached[0] > self._tables_ttl:
+            quota = await asyncio.to_thread(
+                token_quota, self._db, tenant_id, self._token_quota_default
+            )
+            cached = (time.monotonic(), quota)
+            self._quotas[tenant_id] = cached
+        quota = cached[1]
+        if quota.exhausted:
+            raise ApplicationError(
+                f"monthly token quota of {quota.limit} is used up ({quota.used} used); "
+                "it resets at the start of next month (UTC)",
+                type=QUOTA,
+                non_retryable=True,
+            )
+
     @activity.defn(name="llm_chat")
     async def chat(self, req: LLMRequest) -> LLMResult:
         _check_token_limit(req)
+        await self._check_quota(req.tenant_id)
 
         async def call(backend: BackendRef, model: str) -> LLMResult:
             tools = [
@@ -110,6 +138,8 @@ class LLMActivities:
 
     @activity.defn(name="llm_embed")
     async def embed(self, req: EmbedRequest) -> EmbedResult:
+        await self._check_quota(req.tenant_id)
+
         async def call(backend: BackendRef, model: str) -> EmbedResult:
             vector, tokens = await self._clients.embed(backend, model, req.text)
             return EmbedResult(vector=vector, model=model, backend=backend.name, tokens=tokens)

@@ -64,6 +64,17 @@ def record_tokens(db: Database, tenant_id: str, tokens: int) -> None:
             add_usage(session, tenant_id, tokens=tokens)
 
 
+def token_quota(db: Database, tenant_id: str, default_quota: int) -> "Quota":
+    """This month's tokens against the tenant's token quota (for workers, which have no meter)."""
+    with db.session() as session:
+        row = session.get(UsageRow, (tenant_id, period_of()))
+        tenant = session.get(TenantRow, tenant_id)
+    limit = default_quota
+    if tenant is not None and tenant.token_quota is not None:
+        limit = tenant.token_quota
+    return Quota(row.tokens if row else 0, limit)
+
+
 @dataclass
 class Quota:
     used: int

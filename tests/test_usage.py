@@ -114,10 +114,15 @@ def test_token_quota_stops_new_runs_only(
         llm.reply(word, text)
     assert usage_of(stack.http)["tokens"]["used"] == 0
 
+    # Both calls of the first run fit under a raised quota (the worker checks it before
+    # every model call), then the tenant falls back to the default of 20.
+    tenant = f"/tenants/{tenant_of(stack)}"
+    assert stack.http.patch(tenant, json={"tokenQuota": 10_000}).status_code == 200
     resp = stack.http.post(
         "/tasks", json={"chain": sentiment_chain(), "input": "I love this product"}
     )
     assert resp.status_code == 200, resp.text
+    assert stack.http.patch(tenant, json={"tokenQuota": None}).status_code == 200
     expected = reported_tokens(llm, replies)
     assert expected > 20
     body = wait_for_tokens(stack.http, expected)
@@ -297,3 +302,21 @@ def test_embedding_tokens_count_too(
     # The scripted server reports usage.prompt_tokens exactly as it counts them.
     body = wait_for_tokens(stack.http, count_tokens(text))
     assert body["tokens"]["used"] == count_tokens(text) > 0
+
+
+def test_a_run_going_when_the_quota_runs_out_stops_at_its_next_model_call(
+    make_stack: StackFactory, database_url: str, llm: ScriptedLLM
+) -> None:
+    """The worker checks the quota too, so runs already going (or started by triggers)
+    cannot spend past it by more than the call in flight."""
+    stack = make_stack(database_url, CHAINLOOM_MONTHLY_TOKEN_QUOTA="1")
+    add_backend(stack, llm)
+    llm.reply("sentiment", "Positive.")
+    resp = stack.http.post(
+        "/tasks", json={"chain": sentiment_chain(), "input": "I love this product"}
+    )
+    assert resp.status_code == 422, resp.text
+    body = resp.json()
+    assert body["error"]["code"] == "chain_failed"
+    assert "monthly token quota of 1 is used up" in body["error"]["message"]
+    assert llm.count("/v1/chat/completions") == 1  # the second call was never made
