@@ -6,12 +6,14 @@ to the request log (core/request_log.py) when their response starts: changes bef
 sent, so an answered change is always in the audit log.
 """
 
+import json
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from api.errors import error_body
 from core import request_log
 
 Scope = MutableMapping[str, Any]
@@ -38,6 +40,30 @@ async def _log_request(scope: Scope, status: int, run: dict[str, str]) -> None:
         log.exception("could not log request %s %s", scope.get("method"), scope.get("path"))
 
 
+def _has_nul(scope: Scope) -> bool:
+    """A NUL in the path or query: no id, name or filter of ours can hold one (PostgreSQL
+    text cannot), so such a request is refused before any route sees it."""
+    raw = bytes(scope.get("raw_path") or b"") + b"?" + bytes(scope.get("query_string") or b"")
+    return b"%00" in raw or b"\x00" in raw or "\x00" in scope.get("path", "")
+
+
+async def _refuse_nul(send: Send) -> None:
+    body = json.dumps(
+        error_body(400, "invalid_request", "the URL contains a NUL character (%00)")
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 class RequestContext:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -45,6 +71,9 @@ class RequestContext:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if _has_nul(scope):
+            await _refuse_nul(send)
             return
         request_id = uuid.uuid4().hex
         scope["chainloom.request_id"] = request_id

@@ -225,3 +225,12 @@ def test_unknown_worker_queue_has_no_pollers(
     resp = httpx.get(f"{api.url}/system/services", headers={"X-API-Key": Stack.API_KEY}, timeout=30)
     workers = next(s for s in resp.json() if s["name"] == "workers")
     assert workers["status"] == "down" and workers["pollers"] == 0
+
+
+def test_a_nul_in_the_url_is_refused_before_any_route(stack: Stack) -> None:
+    """PostgreSQL text cannot hold NUL; without this, ids with %00 were 500s there."""
+    for path in ("/backends/a%00b", "/users/%00", "/api-keys/x%00", "/taskchains?cursor=%00"):
+        resp = stack.http.get(path)
+        assert resp.status_code == 400, (path, resp.text)
+        assert resp.json()["error"]["code"] == "invalid_request"
+    assert stack.http.get("/backends").status_code == 200
