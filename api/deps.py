@@ -3,6 +3,7 @@
 import asyncio
 import hmac
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
@@ -13,11 +14,28 @@ from sqlmodel import Session, col, select
 from temporalio.client import Client
 
 from api.errors import APIError, not_found
-from core.access import ROLES, SEGMENT_TYPES, SYSTEM, at_least, required_level, scope_level
+from core.access import (
+    RANK,
+    RESOURCE_TYPES,
+    ROLES,
+    SEGMENT_TYPES,
+    SYSTEM,
+    at_least,
+    required_level,
+    scope_level,
+)
 from core.config import Settings
 from core.db import Database
 from core.identity import TokenError, Tokens, digest_matches, key_prefix, looks_like_jwt
-from core.models import AccessEntryRow, ApiKeyRow, MembershipRow, UserRow, as_utc, utcnow
+from core.models import (
+    AccessEntryRow,
+    ApiKeyRow,
+    MembershipRow,
+    RevokedTokenRow,
+    UserRow,
+    as_utc,
+    utcnow,
+)
 from core.ratelimit import RateLimiter
 from core.temporal import connect, ensure_search_attributes
 from core.usage import UsageMeter, period_reset
@@ -84,9 +102,11 @@ class Principal:
     tenant_id: str
     identity: str
     kind: str  # user | key | bootstrap
-    role: str = "admin"  # the user's role in the tenant; keys act through their scopes
+    # A user's role in the tenant. For a key, its creator's role, which caps what the key's
+    # scopes give; "" for keys made by the bootstrap key, which are capped by nothing.
+    role: str = "admin"
     scopes: tuple[str, ...] = ()
-    user_id: str | None = None
+    user_id: str | None = None  # the user, or the user who created the key
     system_admin: bool = False
 
     @property
@@ -124,6 +144,12 @@ def _key_principal(state: AppState, presented: str) -> Principal:
             raise _unauthorized("revoked_api_key", "the API key has been revoked")
         if row.expires_at is not None and as_utc(row.expires_at) <= now:
             raise _unauthorized("expired_api_key", "the API key has expired")
+        creator = session.get(MembershipRow, (row.tenant_id, row.user_id)) if row.user_id else None
+        if row.user_id and creator is None:
+            # A key must not outlive its creator's membership, whoever forgot to revoke it.
+            raise _unauthorized(
+                "invalid_api_key", "the API key is not valid: its creator is no longer a member"
+            )
         last = as_utc(row.last_used_at) if row.last_used_at else None
         if last is None or (now - last).total_seconds() > _LAST_USED_EVERY:
             row.last_used_at = now
@@ -133,7 +159,7 @@ def _key_principal(state: AppState, presented: str) -> Principal:
         tenant_id=row.tenant_id,
         identity=row.id,
         kind="key",
-        role="",
+        role=creator.role if creator else "",
         scopes=tuple(row.scopes),
         user_id=row.user_id,
     )
@@ -147,7 +173,8 @@ def _user_principal(state: AppState, token: str) -> Principal:
     with state.db.session() as session:
         user = session.get(UserRow, claims.user_id)
         member = session.get(MembershipRow, (claims.tenant_id, claims.user_id))
-    if user is None or user.token_version != claims.version:
+        revoked = session.get(RevokedTokenRow, claims.jti)
+    if user is None or user.token_version != claims.version or revoked is not None:
         raise _unauthorized("invalid_token", "the token has been revoked; log in again")
     if member is None:
         raise _unauthorized("invalid_token", "the user is no longer a member of this tenant")
@@ -157,7 +184,7 @@ def _user_principal(state: AppState, token: str) -> Principal:
         kind="user",
         role=member.role,
         user_id=user.id,
-        system_admin=user.email in state.settings.admin_email_set(),
+        system_admin=user.system_admin,
     )
 
 
@@ -214,26 +241,59 @@ def route_resource(request: Request) -> tuple[str, str | None]:
     return kind, None if ident is None else str(ident)
 
 
-def effective_level(state: AppState, principal: Principal, kind: str, ident: str | None) -> str:
+def _entry_level(
+    entries: Collection[AccessEntryRow], identity: str, kind: str, ident: str | None, base: str
+) -> str:
+    """The most specific entry of `identity` on `kind` wins: the id, then "*", then `base`."""
+    by_resource = {
+        e.resource: e.permission
+        for e in entries
+        if e.identity == identity and e.resource_type == kind
+    }
+    if ident is not None and ident in by_resource:
+        return by_resource[ident]
+    return by_resource.get("*", base)
+
+
+def _levels(
+    state: AppState, principal: Principal, kinds: Collection[str], ident: str | None
+) -> dict[str, str]:
     if principal.kind == "bootstrap":
-        return "manage"
-    base = (
-        scope_level(principal.scopes, kind)
-        if principal.kind == "key"
-        else ROLES.get(principal.role, "none")
-    )
+        return dict.fromkeys(kinds, "manage")
+    # A key is capped by its creator's own level (role and entries), read in the same query.
+    creator = principal.user_id if principal.kind == "key" and principal.role else None
+    identities = [principal.identity] + ([creator] if creator else [])
     with state.db.session() as session:
         entries = session.exec(
             select(AccessEntryRow).where(
                 AccessEntryRow.tenant_id == principal.tenant_id,
-                AccessEntryRow.identity == principal.identity,
-                AccessEntryRow.resource_type == kind,
+                col(AccessEntryRow.identity).in_(identities),
+                col(AccessEntryRow.resource_type).in_(list(kinds)),
             )
         ).all()
-    by_resource = {e.resource: e.permission for e in entries}
-    if ident is not None and ident in by_resource:
-        return by_resource[ident]
-    return by_resource.get("*", base)
+    levels: dict[str, str] = {}
+    for kind in kinds:
+        if principal.kind != "key":
+            base = ROLES.get(principal.role, "none")
+            levels[kind] = _entry_level(entries, principal.identity, kind, ident, base)
+            continue
+        level = _entry_level(
+            entries, principal.identity, kind, ident, scope_level(principal.scopes, kind)
+        )
+        if creator:
+            cap = _entry_level(entries, creator, kind, ident, ROLES.get(principal.role, "none"))
+            level = min(level, cap, key=RANK.__getitem__)
+        levels[kind] = level
+    return levels
+
+
+def effective_level(state: AppState, principal: Principal, kind: str, ident: str | None) -> str:
+    return _levels(state, principal, (kind,), ident)[kind]
+
+
+def levels_everywhere(state: AppState, principal: Principal) -> dict[str, str]:
+    """The caller's type-wide level on every resource type (one query)."""
+    return _levels(state, principal, tuple(RESOURCE_TYPES), None)
 
 
 def _identify(
@@ -263,8 +323,15 @@ async def require_auth(
     if is_bootstrap(state, presented):
         principal, level = bootstrap_principal(state), "manage"
     else:
-        # One thread hop for the credential and the access entries: both read the database.
-        principal, level = await asyncio.to_thread(_identify, state, presented, kind, ident, needed)
+        try:
+            # One thread hop for the credential and the access entries: both read the database.
+            principal, level = await asyncio.to_thread(
+                _identify, state, presented, kind, ident, needed
+            )
+        except APIError as err:
+            if err.status == 401:
+                await _count_failed_auth(request, state, err)
+            raise
     request.state.principal = principal
     tenant_limit = state.limiter.tenant_limit(await state.usage.rate_limit(principal.tenant_id))
     verdict = await state.limiter.hit(
@@ -323,10 +390,46 @@ async def require_system_admin(principal: PrincipalDep) -> Principal:
     return principal
 
 
+def _client_host(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def _count_failed_auth(request: Request, state: AppState, err: APIError) -> None:
+    """Counts a refused credential per client address, so guessing keys is rate-limited too."""
+    verdict = await state.limiter.hit((state.limiter.login, f"authfail:{_client_host(request)}"))
+    add_response_headers(request, verdict.headers())
+    if not verdict.allowed:
+        raise APIError(
+            429,
+            "rate_limited",
+            f"too many failed authentication attempts; retry after "
+            f"{verdict.headers()['Retry-After']} s",
+            headers=verdict.headers(),
+        ) from err
+
+
+# Routes sharing one counter per address: the cookie variant of a route must not double
+# an attacker's attempts.
+_CLIENT_COUNTERS = {
+    "/login": "login",
+    "/ui/login": "login",
+    "/register": "register",
+    "/ui/register": "register",
+    "/token_refresh": "refresh",
+    "/ui/token_refresh": "refresh",
+    "/logout": "refresh",
+    "/ui/logout": "refresh",
+}
+
+
 async def limit_by_client(request: Request, state: StateDep) -> None:
-    """For routes without credentials (/login, /register): a limit per client address."""
-    client = request.client.host if request.client else "unknown"
-    verdict = await state.limiter.hit((state.limiter.login, f"ip:{client}:{request.url.path}"))
+    """For routes without credentials (/login, /register, refresh, logout): a limit per
+    client address."""
+    path = _route_path(request)
+    counter = _CLIENT_COUNTERS.get(path, path)
+    verdict = await state.limiter.hit(
+        (state.limiter.login, f"ip:{_client_host(request)}:{counter}")
+    )
     add_response_headers(request, verdict.headers())
     if not verdict.allowed:
         raise APIError(

@@ -74,15 +74,13 @@ class Settings(BaseSettings):
     refresh_token_ttl: float = Field(30 * 86400.0, alias="CHAINLOOM_REFRESH_TOKEN_TTL")
     # Anyone may create a tenant through /register while this is on.
     registration_open: bool = Field(True, alias="CHAINLOOM_REGISTRATION_OPEN")
-    # Users with these emails (comma-separated) are system administrators, like the bootstrap
-    # API key: they may create tenants and read /system/*.
-    admin_emails: str = Field("", alias="CHAINLOOM_ADMIN_EMAILS")
     # The /ui/* session cookie is sent over HTTPS only when on; browsers treat localhost as
     # secure, so the default works for local development too.
     cookie_secure: bool = Field(True, alias="CHAINLOOM_COOKIE_SECURE")
 
     # Rate limits ("N/second|minute|hour|day", the limits library's notation): per API key or
-    # user, per tenant, and per client address on /login and /register.
+    # user, per tenant, and (login) per client address on /login, /register, token refresh
+    # and logout, per email on /login, and per address on failed authentication.
     rate_limit: str = Field("600/minute", alias="CHAINLOOM_RATE_LIMIT")
     tenant_rate_limit: str = Field("3000/minute", alias="CHAINLOOM_TENANT_RATE_LIMIT")
     login_rate_limit: str = Field("10/minute", alias="CHAINLOOM_LOGIN_RATE_LIMIT")
@@ -98,9 +96,6 @@ class Settings(BaseSettings):
     # /ready checks Qdrant only when this is set.
     qdrant_url: str = Field("", alias="CHAINLOOM_QDRANT_URL")
     ready_timeout: float = Field(2.0, alias="CHAINLOOM_READY_TIMEOUT")
-
-    def admin_email_set(self) -> frozenset[str]:
-        return frozenset(e.strip().lower() for e in self.admin_emails.split(",") if e.strip())
 
     def resolved_database_url(self) -> str:
         if self.database_url:

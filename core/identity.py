@@ -86,6 +86,8 @@ class TokenClaims:
     kind: str  # access | refresh
     version: int
     expires_at: datetime
+    # Unique per token: what logout and refresh-token rotation revoke (RevokedTokenRow).
+    jti: str
 
 
 class Tokens:
@@ -109,7 +111,7 @@ class Tokens:
             "ver": version,
             "iat": now,
             "exp": now + timedelta(seconds=ttl),
-            "jti": secrets.token_hex(8),
+            "jti": secrets.token_hex(16),
         }
         return jwt.encode(claims, self._secret, algorithm="HS256")
 
@@ -125,7 +127,7 @@ class Tokens:
                 algorithms=["HS256"],
                 issuer=self.ISSUER,
                 leeway=leeway,
-                options={"require": ["exp", "sub", "tid", "typ"]},
+                options={"require": ["exp", "sub", "tid", "typ", "jti"]},
             )
         except jwt.ExpiredSignatureError as err:
             raise TokenError("the token has expired") from err
@@ -139,6 +141,7 @@ class Tokens:
             kind=kind,
             version=int(claims.get("ver", 0)),
             expires_at=datetime.fromtimestamp(claims["exp"], UTC),
+            jti=str(claims["jti"])[:64],
         )
 
 

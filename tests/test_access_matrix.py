@@ -34,6 +34,7 @@ PUBLIC = {
     ("POST", "/ui/register"),
     ("POST", "/ui/logout"),
     ("POST", "/ui/token_refresh"),
+    ("POST", "/logout"),
 }
 STREAMS = {("GET", "/events/stream/{eventType}"), ("GET", "/queue/inProgress")}
 # Lists filtered by a name in the caller's own namespace: another tenant's name finds nothing.

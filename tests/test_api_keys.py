@@ -89,6 +89,11 @@ def test_key_scopes_and_last_used(client: httpx.Client, db: Database) -> None:
     assert_error(
         client.post("/api-keys", json=past, headers=bearer(a["token"])), 422, "invalid_expiry"
     )
+    # Valid times whose UTC value falls outside the years 1 to 9999.
+    for edge in ("9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00"):
+        out_of_range = {"name": "x", "expiresAt": edge}
+        resp = client.post("/api-keys", json=out_of_range, headers=bearer(a["token"]))
+        assert_error(resp, 422, "invalid_expiry", param="expiresAt")
 
     # A key that may manage keys still cannot mint one stronger than itself.
     keyadmin = new_key(client, a["token"], scopes=["apikeys:admin"])

@@ -2,12 +2,15 @@
 
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 
+from core.db import Database
 from core.identity import Tokens
+from core.models import RevokedTokenRow, utcnow
 from core.secrets import SecretBox
 from tests.stack import ApiThread, Stack
 from tests.test_api_resources import assert_error
@@ -121,15 +124,107 @@ def test_token_refresh(stack: Stack, client: httpx.Client) -> None:
     secret = settings.jwt_secret.encode() or SecretBox.from_settings(settings).derive("jwt")
     ttl = settings.refresh_token_ttl
     recently = Tokens(secret, -60, ttl).issue(a["id"], a["tenantId"], 0)
+    # An expired access token refreshes for one access lifetime after expiry, no longer.
+    stale = Tokens(secret, -(settings.access_token_ttl + 60), ttl).issue(a["id"], a["tenantId"], 0)
     long_ago = Tokens(secret, -(ttl + 60), ttl).issue(a["id"], a["tenantId"], 0)
     assert_error(client.get("/me", headers=bearer(recently)), 401, "invalid_token")
     assert client.post("/token_refresh", json={"token": recently}).status_code == 200
+    assert_error(client.post("/token_refresh", json={"token": stale}), 401, "invalid_token")
     assert_error(client.post("/token_refresh", json={"token": long_ago}), 401, "invalid_token")
     assert_error(client.post("/token_refresh", json={"token": "eyJ.x.y"}), 401, "invalid_token")
     forged = Tokens(b"another secret, 32 bytes or longer", 60, ttl).issue(
         a["id"], a["tenantId"], 0, "refresh"
     )
     assert_error(client.post("/token_refresh", json={"token": forged}), 401, "invalid_token")
+
+
+def _db(stack: Stack) -> Database:
+    return Database(stack.settings.resolved_database_url())
+
+
+def test_refresh_tokens_are_single_use(stack: Stack, client: httpx.Client) -> None:
+    a = register(client, "rotate")
+    # A leftover of a token that can no longer be used is pruned on the next revocation.
+    db = _db(stack)
+    dead = "dead-" + uuid.uuid4().hex
+    try:
+        with db.session() as session:
+            session.add(
+                RevokedTokenRow(
+                    jti=dead,
+                    tenant_id=a["tenantId"],
+                    user_id=a["id"],
+                    expires_at=utcnow() - timedelta(seconds=1),
+                )
+            )
+            session.commit()
+        first = client.post("/token_refresh", json={"token": a["refreshToken"]})
+        assert first.status_code == 200, first.text
+        with db.session() as session:
+            assert session.get(RevokedTokenRow, dead) is None
+    finally:
+        db.dispose()
+    again = client.post("/token_refresh", json={"token": a["refreshToken"]})
+    assert "already used" in assert_error(again, 401, "invalid_token")["error"]["message"]
+    # The new pair works once too.
+    second = client.post("/token_refresh", json={"token": first.json()["refreshToken"]})
+    assert second.status_code == 200, second.text
+    assert_error(
+        client.post("/token_refresh", json={"token": first.json()["refreshToken"]}),
+        401,
+        "invalid_token",
+    )
+    # An access token used to refresh is spent as well, for refreshing and for calls.
+    access = second.json()["token"]
+    assert client.post("/token_refresh", json={"token": access}).status_code == 200
+    assert_error(client.post("/token_refresh", json={"token": access}), 401, "invalid_token")
+    assert_error(client.get("/me", headers=bearer(access)), 401, "invalid_token")
+
+    # The cookie flow rotates the same way.
+    ui = client.post("/ui/login", json={"email": a["email"], "password": PASSWORD})
+    cookie = {"Cookie": f"chainloom_refresh={ui.cookies['chainloom_refresh']}"}
+    assert client.post("/ui/token_refresh", headers=cookie).status_code == 200
+    assert_error(client.post("/ui/token_refresh", headers=cookie), 401, "invalid_token")
+
+
+def test_logout_revokes_tokens(client: httpx.Client) -> None:
+    a = register(client, "logout")
+    session = login(client, a["email"])
+    token, refresh = session["token"], session["refreshToken"]
+    assert_error(client.post("/logout"), 401, "invalid_token")
+    key = {"Authorization": f"Bearer {a['apiKey']['key']}"}
+    assert_error(client.post("/logout", headers=key), 401, "invalid_token")
+    stranger = register(client, "stranger")
+    mixed = client.post(
+        "/logout", json={"refreshToken": stranger["refreshToken"]}, headers=bearer(token)
+    )
+    assert_error(mixed, 401, "invalid_token", param="refreshToken")
+    assert client.get("/me", headers=bearer(token)).status_code == 200
+
+    out = client.post("/logout", json={"refreshToken": refresh}, headers=bearer(token))
+    assert out.status_code == 200 and out.json() == "logged out"
+    assert_error(client.get("/me", headers=bearer(token)), 401, "invalid_token")
+    assert_error(client.post("/token_refresh", json={"token": refresh}), 401, "invalid_token")
+    assert_error(client.post("/token_refresh", json={"token": token}), 401, "invalid_token")
+    assert client.post("/logout", headers=bearer(token)).status_code == 200  # idempotent
+    # Other sessions of the user go on.
+    assert client.get("/me", headers=bearer(a["token"])).status_code == 200
+
+    # /ui/logout revokes what the cookies held, not only the cookies.
+    ui = client.post("/ui/login", json={"email": a["email"], "password": PASSWORD})
+    held = ui.cookies["chainloom_session"], ui.cookies["chainloom_refresh"]
+    cookies = f"chainloom_session={held[0]}; chainloom_refresh={held[1]}"
+    assert client.post("/ui/logout", headers={"Cookie": cookies}).status_code == 200
+    assert_error(
+        client.get("/ui/me", headers={"Cookie": f"chainloom_session={held[0]}"}),
+        401,
+        "invalid_token",
+    )
+    assert_error(
+        client.post("/ui/token_refresh", headers={"Cookie": f"chainloom_refresh={held[1]}"}),
+        401,
+        "invalid_token",
+    )
 
 
 def test_password_change_ends_old_sessions(client: httpx.Client) -> None:

@@ -12,9 +12,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from api.deps import PrincipalDep, StateDep, owned, page_limit, parse_cursor
+from api.deps import (
+    AppState,
+    Principal,
+    PrincipalDep,
+    StateDep,
+    effective_level,
+    owned,
+    page_limit,
+    parse_cursor,
+)
 from api.errors import APIError
-from core.access import LEVELS, RESOURCE_TYPES
+from core.access import LEVELS, RANK, RESOURCE_TYPES
 from core.models import AccessEntryRow, ApiKeyRow, MembershipRow, UserRow, rfc3339, utcnow
 
 router = APIRouter(tags=["access-control"])
@@ -84,6 +93,21 @@ def _identity_of(session: Session, tenant_id: str, identity: str) -> tuple[str, 
     )
 
 
+def _check_grantable(
+    state: AppState, principal: Principal, resource_type: str, resource: str, permission: str
+) -> None:
+    """Nobody grants more than they hold, or manage on access would be manage on everything."""
+    held = effective_level(state, principal, resource_type, None if resource == "*" else resource)
+    if RANK[permission] > RANK[held]:
+        raise APIError(
+            403,
+            "forbidden",
+            f"{permission} on {resource_type}/{resource} is more than this {principal.kind} "
+            f"holds ({held})",
+            param="permission",
+        )
+
+
 def _entry_json(session: Session, row: AccessEntryRow, expand: bool) -> dict[str, Any]:
     try:
         kind, details = _identity_of(session, row.tenant_id, row.identity)
@@ -151,6 +175,7 @@ async def create_entry(
     body: AccessEntryIn, state: StateDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     def create() -> dict[str, Any]:
+        _check_grantable(state, principal, body.resource_type, body.resource, body.permission)
         with state.db.session() as session:
             _identity_of(session, principal.tenant_id, body.identity)
             row = AccessEntryRow(
@@ -204,6 +229,12 @@ async def update_entry(
     def update() -> dict[str, Any]:
         with state.db.session() as session:
             row = owned(session, AccessEntryRow, id, principal.tenant_id, "access entry")
+            # Rewriting an entry also undoes it where it was: the old place must be within
+            # reach for both its old and its new permission (else moving a "none" entry away
+            # would lift a restriction the caller could not have granted).
+            for permission in (row.permission, body.permission):
+                _check_grantable(state, principal, row.resource_type, row.resource, permission)
+            _check_grantable(state, principal, body.resource_type, body.resource, body.permission)
             _identity_of(session, principal.tenant_id, body.identity)
             row.identity = body.identity
             row.resource_type = body.resource_type
@@ -229,6 +260,9 @@ async def delete_entry(id: str, state: StateDep, principal: PrincipalDep) -> str
     def delete() -> None:
         with state.db.session() as session:
             row = owned(session, AccessEntryRow, id, principal.tenant_id, "access entry")
+            # Deleting an entry can lift the identity to any level its role or scopes give
+            # (a "none" entry is a restriction), so only a manager of that resource may.
+            _check_grantable(state, principal, row.resource_type, row.resource, "manage")
             session.delete(row)
             session.commit()
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlmodel import Session
 
-from api.deps import Principal, PrincipalDep, StateDep, effective_level, owned, tenant_page
+from api.deps import Principal, PrincipalDep, StateDep, levels_everywhere, owned, tenant_page
 from api.errors import APIError
 from core.access import RANK, RESOURCE_TYPES, SCOPE_LEVELS, valid_scope
 from core.identity import new_api_key
@@ -111,11 +111,12 @@ def _check_scopes(scopes: list[str]) -> list[str]:
 
 def _check_grantable(state: StateDep, principal: Principal, scopes: list[str]) -> None:
     """A key may not carry more than its creator holds; otherwise apikeys:admin is everything."""
+    levels = levels_everywhere(state, principal)
     for scope in scopes:
         kind, sep, name = scope.rpartition(":")
         wanted = SCOPE_LEVELS[name]
         for resource_type in [kind] if sep else list(RESOURCE_TYPES):
-            held = effective_level(state, principal, resource_type, None)
+            held = levels[resource_type]
             if RANK[held] < RANK[wanted]:
                 raise APIError(
                     403,
@@ -136,7 +137,12 @@ def _expiry(body: ApiKeyIn) -> datetime | None:
     if body.expires_at is None:
         return None
     moment = body.expires_at
-    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    try:
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError as err:  # 9999-12-31T23:59:59-05:00 is past datetime.max in UTC
+        raise APIError(
+            422, "invalid_expiry", "expiresAt is out of range", param="expiresAt"
+        ) from err
     if moment <= utcnow():
         raise APIError(422, "invalid_expiry", "expiresAt is in the past", param="expiresAt")
     return moment

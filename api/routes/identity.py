@@ -6,8 +6,9 @@ Authorization itself lives in api.deps.require_auth; these routes only add the r
 depend on the rows (last admin, yourself, users of other tenants).
 """
 
+import asyncio
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -21,18 +22,28 @@ from api.deps import (
     Principal,
     PrincipalDep,
     StateDep,
+    add_response_headers,
+    levels_everywhere,
     limit_by_client,
     page_limit,
     parse_cursor,
 )
 from api.errors import APIError, not_found
 from api.routes.apikeys import issue_key, key_json
-from core.access import ROLES
-from core.identity import TokenClaims, TokenError, hash_password, password_problem, verify_password
+from core.access import RANK, ROLES
+from core.identity import (
+    TokenClaims,
+    TokenError,
+    hash_password,
+    looks_like_jwt,
+    password_problem,
+    verify_password,
+)
 from core.models import (
     AccessEntryRow,
     ApiKeyRow,
     MembershipRow,
+    RevokedTokenRow,
     TenantRow,
     UserRow,
     rfc3339,
@@ -104,6 +115,12 @@ class LoginIn(BaseModel):
 
 class RefreshIn(BaseModel):
     token: str = Field(..., min_length=1, max_length=4096)
+
+
+class LogoutIn(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+    refresh_token: str | None = Field(None, alias="refreshToken", max_length=4096)
 
 
 class MeIn(BaseModel):
@@ -258,7 +275,7 @@ def _clear_cookies(response: Response, state: AppState) -> None:
 # ---- register, login, refresh ----------------------------------------------------------
 
 
-def _register(state: AppState, body: RegisterIn) -> dict[str, Any]:
+def _register(state: AppState, body: RegisterIn, request: Request) -> dict[str, Any]:
     if not state.settings.registration_open:
         raise APIError(403, "registration_closed", "registration is closed on this server")
     password_hash = hash_password(body.password)
@@ -276,6 +293,11 @@ def _register(state: AppState, body: RegisterIn) -> dict[str, Any]:
         session.add(MembershipRow(tenant_id=tenant.id, user_id=user.id, role="admin"))
         key, plain = issue_key(session, tenant.id, user.id, "initial", ["admin"])
         _commit(session, body.email)
+        # Nobody was signed in: the new user is who the request log (the tenant's /audit)
+        # records as having made the tenant.
+        request.state.principal = Principal(
+            tenant_id=tenant.id, identity=user.id, kind="user", role="admin", user_id=user.id
+        )
         return {
             **user_json(user, "admin", tenant.id),
             **_tokens(state, user, tenant.id),
@@ -321,28 +343,84 @@ def _login(state: AppState, body: LoginIn) -> dict[str, Any]:
     }
 
 
-def _refresh_claims(state: AppState, token: str) -> TokenClaims:
+def _access_claims(state: AppState, token: str) -> tuple[TokenClaims, datetime]:
+    """An access token's claims, accepted up to one access lifetime after it expired (the
+    seed refreshes "an expired or expiring" token), and the end of that grace period."""
+    leeway = state.tokens.access_ttl
+    claims = state.tokens.check(token, "access", leeway=leeway)
+    return claims, claims.expires_at + timedelta(seconds=leeway)
+
+
+def _refresh_claims(state: AppState, token: str) -> tuple[TokenClaims, datetime]:
+    """The claims of a token /token_refresh accepts, and until when it would accept it."""
     try:
-        return state.tokens.check(token, "refresh")
+        claims = state.tokens.check(token, "refresh")
+        return claims, claims.expires_at
     except TokenError as first:
-        # The seed refreshes "an expired or expiring" token: an access token is accepted
-        # for as long as a refresh token issued with it would have been.
         try:
-            return state.tokens.check(token, "access", leeway=state.tokens.refresh_ttl)
+            return _access_claims(state, token)
         except TokenError:
             raise APIError(401, "invalid_token", str(first), param="token") from first
 
 
+def _revoke(session: Session, claims: TokenClaims, until: datetime) -> bool:
+    """Refuses the token from now on (until `until`, when it would be refused anyway);
+    False if it already was. Commits."""
+    # Rows of tokens that can no longer be used are dead weight: pruned on every write.
+    session.exec(delete(RevokedTokenRow).where(col(RevokedTokenRow.expires_at) < utcnow()))
+    if session.get(RevokedTokenRow, claims.jti) is not None:
+        session.commit()
+        return False
+    session.add(
+        RevokedTokenRow(
+            jti=claims.jti, tenant_id=claims.tenant_id, user_id=claims.user_id, expires_at=until
+        )
+    )
+    try:
+        session.commit()
+    except IntegrityError:  # the same token presented twice at once: one of them wins
+        session.rollback()
+        return False
+    return True
+
+
 def _refresh(state: AppState, token: str) -> dict[str, Any]:
-    claims = _refresh_claims(state, token)
+    claims, until = _refresh_claims(state, token)
     with state.db.session() as session:
         user = session.get(UserRow, claims.user_id)
         member = session.get(MembershipRow, (claims.tenant_id, claims.user_id))
-    if user is None or user.token_version != claims.version:
-        raise APIError(401, "invalid_token", "the token has been revoked; log in again")
-    if member is None:
-        raise APIError(401, "invalid_token", "the user is no longer a member of this tenant")
-    return _tokens(state, user, claims.tenant_id)
+        if user is None or user.token_version != claims.version:
+            raise APIError(401, "invalid_token", "the token has been revoked; log in again")
+        if member is None:
+            raise APIError(401, "invalid_token", "the user is no longer a member of this tenant")
+        # Rotation: each token refreshes once, so a stolen one is noticed when either the
+        # thief or the user presents it second.
+        if not _revoke(session, claims, until):
+            raise APIError(
+                401, "invalid_token", "this refresh token was already used", param="token"
+            )
+        return _tokens(state, user, claims.tenant_id)
+
+
+def _revoke_tokens(state: AppState, *tokens: tuple[TokenClaims, datetime]) -> None:
+    with state.db.session() as session:
+        for claims, until in tokens:
+            _revoke(session, claims, until)
+
+
+async def _limit_email(request: Request, state: AppState, email: str) -> None:
+    """A login counter per account, so many addresses cannot share out a password guess."""
+    key = f"login-email:{email.strip().lower()}"
+    verdict = await state.limiter.hit((state.limiter.login, key))
+    if not verdict.allowed:
+        add_response_headers(request, verdict.headers())
+        raise APIError(
+            429,
+            "rate_limited",
+            f"too many login attempts for this account; retry after "
+            f"{verdict.headers()['Retry-After']} s",
+            headers=verdict.headers(),
+        )
 
 
 @public_router.post(
@@ -351,8 +429,8 @@ def _refresh(state: AppState, token: str) -> dict[str, Any]:
     dependencies=_limited,
     summary="Registers a new user and returns authentication credentials.",
 )
-def register(body: RegisterIn, state: StateDep) -> dict[str, Any]:
-    return _register(state, body)
+def register(body: RegisterIn, state: StateDep, request: Request) -> dict[str, Any]:
+    return _register(state, body, request)
 
 
 @public_router.post(
@@ -361,13 +439,15 @@ def register(body: RegisterIn, state: StateDep) -> dict[str, Any]:
     dependencies=_limited,
     summary="Authenticates a user using email and password.",
 )
-def login(body: LoginIn, state: StateDep) -> dict[str, Any]:
-    return _login(state, body)
+async def login(body: LoginIn, state: StateDep, request: Request) -> dict[str, Any]:
+    await _limit_email(request, state, body.email)
+    return await asyncio.to_thread(_login, state, body)
 
 
 @public_router.post(
     "/token_refresh",
     response_model=TokensOut,
+    dependencies=_limited,
     summary="Refreshes an expired or expiring JWT token.",
 )
 def token_refresh(body: RefreshIn, state: StateDep) -> dict[str, Any]:
@@ -380,8 +460,11 @@ def token_refresh(body: RefreshIn, state: StateDep) -> dict[str, Any]:
     dependencies=_limited,
     summary="Authenticates a user and sets an HTTP-only authentication cookie.",
 )
-def ui_login(body: LoginIn, state: StateDep, response: Response) -> dict[str, Any]:
-    result = _login(state, body)
+async def ui_login(
+    body: LoginIn, state: StateDep, request: Request, response: Response
+) -> dict[str, Any]:
+    await _limit_email(request, state, body.email)
+    result = await asyncio.to_thread(_login, state, body)
     _set_cookies(response, state, result)
     return result
 
@@ -392,8 +475,10 @@ def ui_login(body: LoginIn, state: StateDep, response: Response) -> dict[str, An
     dependencies=_limited,
     summary="Registers a new user and sets an authentication cookie.",
 )
-def ui_register(body: RegisterIn, state: StateDep, response: Response) -> dict[str, Any]:
-    result = _register(state, body)
+def ui_register(
+    body: RegisterIn, state: StateDep, request: Request, response: Response
+) -> dict[str, Any]:
+    result = _register(state, body, request)
     _set_cookies(response, state, result)
     return result
 
@@ -401,16 +486,74 @@ def ui_register(body: RegisterIn, state: StateDep, response: Response) -> dict[s
 @public_router.post(
     "/ui/logout",
     response_model=str,
+    dependencies=_limited,
     summary="Clears the authentication cookie and logs the user out.",
 )
-def ui_logout(state: StateDep, response: Response) -> str:
+def ui_logout(request: Request, state: StateDep, response: Response) -> str:
+    # Clearing a cookie does not make the browser forget a copy taken earlier: the tokens
+    # themselves are revoked. Cookies that do not verify have nothing left to revoke.
+    revoked = []
+    session_token = request.cookies.get(SESSION_COOKIE)
+    refresh_token = request.cookies.get(REFRESH_COOKIE)
+    if session_token:
+        try:
+            revoked.append(_access_claims(state, session_token))
+        except TokenError:
+            pass
+    if refresh_token:
+        try:
+            claims = state.tokens.check(refresh_token, "refresh")
+            revoked.append((claims, claims.expires_at))
+        except TokenError:
+            pass
+    _revoke_tokens(state, *revoked)
     _clear_cookies(response, state)
+    return "logged out"
+
+
+@public_router.post(
+    "/logout",
+    response_model=str,
+    dependencies=_limited,
+    summary="Revokes the bearer access token and, when given, its refresh token.",
+    responses={401: {"description": "No valid access token, or refreshToken is not valid."}},
+)
+def logout(request: Request, state: StateDep, body: LogoutIn | None = None) -> str:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    token = value.strip()
+    if scheme.lower() != "bearer" or not looks_like_jwt(token):
+        raise APIError(
+            401,
+            "invalid_token",
+            "send the access token from /login as Authorization: Bearer",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    try:
+        access = _access_claims(state, token)
+    except TokenError as err:
+        raise APIError(401, "invalid_token", str(err)) from err
+    tokens = [access]
+    if body is not None and body.refresh_token:
+        try:
+            refresh = state.tokens.check(body.refresh_token, "refresh")
+        except TokenError as err:
+            raise APIError(401, "invalid_token", str(err), param="refreshToken") from err
+        if (refresh.user_id, refresh.tenant_id) != (access[0].user_id, access[0].tenant_id):
+            raise APIError(
+                401,
+                "invalid_token",
+                "the refresh token is not of the same session",
+                param="refreshToken",
+            )
+        tokens.append((refresh, refresh.expires_at))
+    _revoke_tokens(state, *tokens)
     return "logged out"
 
 
 @public_router.post(
     "/ui/token_refresh",
     response_model=str,
+    dependencies=_limited,
     summary="Refreshes the authentication token stored in the cookie.",
 )
 def ui_token_refresh(request: Request, state: StateDep, response: Response) -> str:
@@ -555,6 +698,9 @@ def list_projects(state: StateDep, principal: PrincipalDep) -> list[dict[str, An
     summary="Creates a tenant (project) with the caller as its admin.",
 )
 def create_project(body: ProjectIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+    if not state.settings.registration_open and not principal.system_admin:
+        # A tenant made here is a tenant made without registration.
+        raise APIError(403, "registration_closed", "creating projects is closed on this server")
     with state.db.session() as session:
         user = _signed_in_user(session, principal)
         tenant = TenantRow(name=body.name)
@@ -610,6 +756,34 @@ def _last_admin() -> APIError:
     return APIError(409, "last_admin", "a tenant must keep at least one admin")
 
 
+def _ceiling(state: AppState, principal: Principal) -> str:
+    """The highest role level the caller may hand out or act upon: its lowest level over all
+    resource types, since a role gives its level on every one (manage on users alone must
+    not make admins)."""
+    return min(levels_everywhere(state, principal).values(), key=RANK.__getitem__)
+
+
+def _may_grant(ceiling: str, principal: Principal, role: str) -> None:
+    if RANK[ROLES[role]] > RANK[ceiling]:
+        raise APIError(
+            403,
+            "forbidden",
+            f"role {role!r} needs {ROLES[role]} on every resource type; this "
+            f"{principal.kind} has {ceiling} on some",
+            param="role",
+        )
+
+
+def _may_act_on(ceiling: str, principal: Principal, member: MembershipRow) -> None:
+    if RANK[ROLES.get(member.role, "manage")] > RANK[ceiling]:
+        raise APIError(
+            403,
+            "forbidden",
+            f"user {member.user_id!r} is a {member.role}, above what this {principal.kind} "
+            f"may manage ({ceiling})",
+        )
+
+
 @router.get("/users", response_model=list[UserOut], summary="Lists users with pagination support.")
 def list_users(
     state: StateDep,
@@ -638,6 +812,7 @@ def list_users(
     summary="Creates a new user in the caller's tenant.",
 )
 def create_user(body: UserIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+    _may_grant(_ceiling(state, principal), principal, body.role)
     password_hash = hash_password(body.password)
     with state.db.session() as session:
         _email_free(session, body.email)
@@ -664,9 +839,13 @@ def get_user(id: str, state: StateDep, principal: PrincipalDep) -> dict[str, Any
 def update_user(
     id: str, body: UserUpdateIn, state: StateDep, principal: PrincipalDep
 ) -> dict[str, Any]:
+    ceiling = _ceiling(state, principal)
+    if body.role is not None:
+        _may_grant(ceiling, principal, body.role)
     new_hash = hash_password(body.password) if body.password is not None else None
     with state.db.session() as session:
         user, member = _member(session, principal.tenant_id, id)
+        _may_act_on(ceiling, principal, member)
         if (
             body.email is not None or new_hash is not None
         ) and user.tenant_id != principal.tenant_id:
@@ -704,8 +883,10 @@ def delete_user(id: str, state: StateDep, principal: PrincipalDep) -> str:
     if principal.user_id == id:
         raise APIError(409, "cannot_delete_self", "you cannot delete yourself")
     tenant_id = principal.tenant_id
+    ceiling = _ceiling(state, principal)
     with state.db.session() as session:
         user, member = _member(session, tenant_id, id)
+        _may_act_on(ceiling, principal, member)
         if _is_last_admin(session, member):
             raise _last_admin()
         session.delete(member)

@@ -17,14 +17,17 @@ import httpx
 import psutil
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import text
+from sqlmodel import col, func, select
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
 from api.deps import AppState, StateDep
-from api.errors import APIError
+from api.errors import APIError, not_found
+from core.models import UserRow, rfc3339, utcnow
 
 public_router = APIRouter(tags=["operations"])
 log = logging.getLogger(__name__)
@@ -298,3 +301,84 @@ async def system_services(request: Request, state: StateDep) -> list[dict[str, A
         check = await _check(_redis_probe(settings.redis_url), timeout)
         services.append({"name": "redis", **_status(check)})
     return services
+
+
+# ---- system administrators --------------------------------------------------------------
+# Only another system administrator (or the bootstrap key) makes one: an email address is
+# never verified, so no setting may grant the role by email.
+
+
+class SystemAdminIn(BaseModel):
+    email: str = Field(..., min_length=1, max_length=320)
+
+    @field_validator("email")
+    @classmethod
+    def _normal(cls, value: str) -> str:
+        if "\x00" in value:  # PostgreSQL text cannot hold NUL
+            raise ValueError("must not contain NUL characters")
+        return value.strip().lower()
+
+
+def _admin_json(user: UserRow) -> dict[str, Any]:
+    return {
+        "id": user.id,
+        "email": user.email,
+        "friendlyName": user.friendly_name,
+        "tenantId": user.tenant_id,
+        "createdAt": rfc3339(user.created_at),
+    }
+
+
+@router.get("/system/admins", summary="Lists the users who are system administrators.")
+def list_system_admins(state: StateDep) -> list[dict[str, Any]]:
+    with state.db.session() as session:
+        rows = session.exec(
+            select(UserRow)
+            .where(col(UserRow.system_admin).is_(True))
+            .order_by(col(UserRow.created_at), col(UserRow.id))
+        ).all()
+        return [_admin_json(row) for row in rows]
+
+
+@router.post(
+    "/system/admins",
+    status_code=201,
+    summary="Makes the user with this email a system administrator.",
+)
+def add_system_admin(body: SystemAdminIn, state: StateDep) -> dict[str, Any]:
+    with state.db.session() as session:
+        user = session.exec(select(UserRow).where(UserRow.email == body.email)).first()
+        if user is None:
+            raise not_found("user", body.email)
+        if not user.system_admin:
+            user.system_admin = True
+            user.updated_at = utcnow()
+            session.add(user)
+            session.commit()
+        return _admin_json(user)
+
+
+@router.delete(
+    "/system/admins/{userId}",
+    summary="Takes the system administrator role from a user (the user stays).",
+)
+def remove_system_admin(userId: str, state: StateDep) -> str:
+    with state.db.session() as session:
+        user = session.get(UserRow, userId)
+        if user is None or not user.system_admin:
+            raise not_found("system admin", userId)
+        admins = session.exec(
+            select(func.count()).select_from(UserRow).where(col(UserRow.system_admin).is_(True))
+        ).one()
+        if int(admins) <= 1 and not state.settings.api_key:
+            # Without a bootstrap key nobody could ever name a system administrator again.
+            raise APIError(
+                409,
+                "last_system_admin",
+                "this is the last system administrator and no bootstrap key is configured",
+            )
+        user.system_admin = False
+        user.updated_at = utcnow()
+        session.add(user)
+        session.commit()
+    return "system admin removed"
