@@ -323,6 +323,31 @@ def test_list_runs_newest_first_and_filters(clean_stack: Stack, llm: ScriptedLLM
     assert wait_run(clean_stack, second["id"])["status"] == "cancelled"
 
 
+def test_status_pages_are_full_although_running_and_waiting_share_rows(
+    clean_stack: Stack, llm: ScriptedLLM
+) -> None:
+    """Unfinished rows are running or waiting; only the workflow knows which, so the list
+    reads on past rows of the other kind until the page is full."""
+    http = clean_stack.http
+    add_backend(clean_stack, "scripted", llm.openai_base)
+    gated = chain_of(unique("gated"), {"id": "gate", "handler": "approval"})
+    waiting = start(clean_stack, {"chain": gated, "input": "w"})
+    wait_run(clean_stack, waiting["id"], {"waiting"})
+    llm.reply("slowly", "done", delay=30)
+    slow = chain_of(unique("slow"), prompt_task("p", "slowly {{ input }}", "gpt-4o-mini"))
+    running = [start(clean_stack, {"chain": slow, "input": str(i)}) for i in range(3)]
+    try:
+        for run in running:
+            wait_run(clean_stack, run["id"], {"running"})
+        page = http.get("/runs", params={"status": "waiting", "limit": 1})
+        assert page.status_code == 200, page.text
+        assert [r["id"] for r in page.json()] == [waiting["id"]]
+        assert len(http.get("/runs", params={"status": "running", "limit": 2}).json()) == 2
+    finally:
+        for run in [waiting, *running]:
+            http.post(f"/runs/{run['id']}/cancel")
+
+
 def test_workflow_visible_in_temporal(clean_stack: Stack, llm: ScriptedLLM) -> None:
     chain_id = unique("visible")
     created = start(clean_stack, {"chain": chain_of(chain_id, {"id": "n", "handler": "noop"})})

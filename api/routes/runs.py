@@ -1,7 +1,7 @@
 """POST /tasks (run and wait, seed 003) and the asynchronous /runs API."""
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from fastapi import APIRouter, Body, Query
@@ -23,7 +23,7 @@ from api.runs import (
     run_view,
     start_run,
 )
-from core.models import RunRow, rfc3339
+from core.models import RunRow, as_utc, rfc3339
 from workflows.types import ApprovalDecision
 
 router = APIRouter(tags=["runs"])
@@ -67,6 +67,10 @@ async def create_run(
     )
 
 
+# At most this many pages of unfinished runs are read for one page of "running" or "waiting".
+_MAX_BATCHES = 10
+
+
 @router.get("/runs", summary="Lists runs, newest first.")
 async def list_runs(
     state: StateDep,
@@ -79,7 +83,7 @@ async def list_runs(
     before = parse_cursor(cursor)
     size = page_limit(limit, default=50, maximum=200)
 
-    def load() -> list[RunRow]:
+    def load(after: datetime | None) -> list[RunRow]:
         query = select(RunRow).where(RunRow.tenant_id == principal.tenant_id)
         if chain_id:
             query = query.where(RunRow.chain_id == chain_id)
@@ -87,16 +91,24 @@ async def list_runs(
             query = query.where(RunRow.status == status)
         elif status:
             query = query.where(col(RunRow.status).not_in(list(FINAL)))
-        if before is not None:
-            query = query.where(col(RunRow.created_at) < before)
+        if after is not None:
+            query = query.where(col(RunRow.created_at) < after)
         query = query.order_by(col(RunRow.created_at).desc(), col(RunRow.id)).limit(size)
         with state.db.session() as session:
             return list(session.exec(query).all())
 
-    rows = await asyncio.to_thread(load)
     client = await state.temporal.get()
-    views = await asyncio.gather(*(_summary(state, client, row) for row in rows))
-    return [v for v in views if status is None or v["status"] == status]
+    found: list[dict[str, Any]] = []
+    # "running" and "waiting" are both unfinished rows; only the workflow knows which, so a
+    # page of rows can hold fewer matches than asked for: read on until the page is full.
+    for _ in range(_MAX_BATCHES):
+        rows = await asyncio.to_thread(load, before)
+        views = await asyncio.gather(*(_summary(state, client, row) for row in rows))
+        found += [v for v in views if status is None or v["status"] == status]
+        if len(rows) < size or len(found) >= size:
+            break
+        before = as_utc(rows[-1].created_at)
+    return found[:size]
 
 
 async def _summary(state: Any, client: Any, row: RunRow) -> dict[str, Any]:
