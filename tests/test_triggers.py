@@ -140,11 +140,16 @@ def test_trigger_crud(stack: Stack) -> None:
         second["name"]
     ]
 
+    # A function a trigger runs cannot be deleted from under it.
+    assert_error(http.delete(f"/functions/{other_fn}"), 409, "function_in_use")
+    assert name in http.delete(f"/functions/{other_fn}").json()["error"]["message"]
+
     assert http.delete(f"/event-triggers/{name}").json() == "event trigger removed"
     assert_error(http.get(f"/event-triggers/{name}"), 404, "not_found")
     assert_error(http.delete(f"/event-triggers/{name}"), 404, "not_found")
     assert_error(http.put(f"/event-triggers/{name}", json=body), 404, "not_found")
     http.delete(f"/event-triggers/{second['name']}")
+    assert http.delete(f"/functions/{other_fn}").json() == "function removed"
 
 
 def test_trigger_validation(stack: Stack) -> None:

@@ -11,12 +11,13 @@ from typing import Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
 
 from api.deps import PrincipalDep, StateDep, tenant_page
 from api.errors import APIError, not_found
 from core.config import Settings
 from core.jsrunner import JSError, runner_for
-from core.models import FunctionRow, rfc3339, utcnow
+from core.models import EventTriggerRow, FunctionRow, rfc3339, utcnow
 
 router = APIRouter(tags=["functions"])
 
@@ -211,6 +212,20 @@ async def delete_function(name: str, state: StateDep, principal: PrincipalDep) -
             row = session.get(FunctionRow, (principal.tenant_id, name))
             if row is None:
                 raise not_found("function", name)
+            users = session.exec(
+                select(EventTriggerRow.name).where(
+                    EventTriggerRow.tenant_id == principal.tenant_id,
+                    EventTriggerRow.function_name == name,
+                )
+            ).all()
+            if users:
+                # A trigger left pointing at nothing would fail on every matching event.
+                raise APIError(
+                    409,
+                    "function_in_use",
+                    f"function {name!r} is run by trigger(s) {', '.join(sorted(users))}; "
+                    "delete or change them first",
+                )
             session.delete(row)
             session.commit()
 
