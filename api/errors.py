@@ -4,6 +4,7 @@ seed 003 / OpenAI read ``{"error": {"code", "message", "param", "type"}}``; seed
 ``detail``, ``error_code`` and ``errors`` (one entry per invalid field).
 """
 
+import json
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("chainloom.api")
@@ -25,6 +28,28 @@ _TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+    type: str
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+    code: str
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response, as the OpenAPI document declares it."""
+
+    error: ErrorInfo
+    detail: str
+    error_code: str
+    errors: list[FieldError]
 
 
 class APIError(Exception):
@@ -78,7 +103,43 @@ def _pointer(loc: tuple[Any, ...] | list[Any]) -> str:
     return "/" + "/".join(parts) if parts else "/"
 
 
+_SCHEMAS = "#/components/schemas/"
+
+
+def _replace_refs(node: Any, old: str, new: str) -> None:
+    if isinstance(node, dict):
+        if node.get("$ref") == old:
+            node["$ref"] = new
+        for value in node.values():
+            _replace_refs(value, old, new)
+    elif isinstance(node, list):
+        for value in node:
+            _replace_refs(value, old, new)
+
+
+def document_errors(doc: dict[str, Any]) -> dict[str, Any]:
+    """Declare 422 bodies as the ErrorBody our handler sends, not FastAPI's default list shape.
+
+    Clients and schemathesis validate 422 responses against the document; FastAPI's
+    HTTPValidationError (`detail` as a list) would describe a body this API never sends.
+    """
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    if "HTTPValidationError" not in schemas:
+        return doc
+    body = ErrorBody.model_json_schema(ref_template=_SCHEMAS + "{model}")
+    schemas.update(body.pop("$defs", {}))
+    schemas["ErrorBody"] = body
+    _replace_refs(doc, _SCHEMAS + "HTTPValidationError", _SCHEMAS + "ErrorBody")
+    del schemas["HTTPValidationError"]
+    if '"' + _SCHEMAS + 'ValidationError"' not in json.dumps(doc):
+        schemas.pop("ValidationError", None)
+    return doc
+
+
 def install(app: FastAPI) -> None:
+    generate = app.openapi
+    app.openapi = lambda: document_errors(generate())  # type: ignore[method-assign]
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         body = error_body(exc.status, exc.code, exc.message, exc.param, exc.errors)
@@ -113,6 +174,19 @@ def install(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
+
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value the request carried (PostgreSQL: a NUL in text, an
+        # integer past its column): bad input, so a 422 naming the reason, never a 500.
+        orig = exc.orig
+        diag = getattr(orig, "diag", None)
+        reason = getattr(diag, "message_primary", None) or str(orig).strip().split("\n")[0]
+        log.warning(
+            "database refused a value on %s %s: %s", request.method, request.url.path, reason
+        )
+        body = error_body(422, "invalid_value", f"the database refused a value: {reason}")
+        return JSONResponse(body, status_code=422)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -35,6 +35,9 @@ MAX_CLOCK_SKEW = timedelta(minutes=10)
 DEPTH_KEY = "chainloom_depth"
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+# Column bounds on PostgreSQL: `version` is an integer, `nid` a bigint.
+MAX_VERSION = 2**31 - 1
+MAX_NID = 2**63 - 1
 # Mappings change rarely and are read on every /ingest; other API processes see a change
 # after this long, or at once after POST /sync.
 MAPPING_CACHE_TTL = 30.0
@@ -184,9 +187,12 @@ def new_event_row(
     version = event.get("version")
     if version is None:
         version = 1
-    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= MAX_VERSION:
         raise EventError(
-            422, "invalid_event", "version must be a non-negative integer", param="version"
+            422,
+            "invalid_event",
+            f"version must be an integer from 0 to {MAX_VERSION}",
+            param="version",
         )
     created = parse_time(event.get("created_at"), "created_at")
     if created is None or created == _ZERO_TIME:
@@ -673,8 +679,8 @@ def _parse_nid(nid: Any) -> int:
         value = int(nid)
     except (TypeError, ValueError) as err:
         raise EventError(400, "invalid_nid", f"nid {nid!r} is not a number", param="nid") from err
-    if value < 1:
-        raise EventError(400, "invalid_nid", "nid must be a positive number", param="nid")
+    if not 1 <= value <= MAX_NID:
+        raise EventError(400, "invalid_nid", f"nid must be from 1 to {MAX_NID}", param="nid")
     return value
 
 
@@ -717,13 +723,17 @@ class MappingConfig(BaseModel):
     aggregate_type_field: str = Field("", alias="aggregateTypeField")
     aggregate_id_field: str = Field("", alias="aggregateIDField")
     event_id_field: str = Field("", alias="eventIDField")
-    version: int = Field(1, ge=0)
+    version: int = Field(1, ge=0, le=MAX_VERSION)
     metadata_mapping: dict[str, str] = Field(default_factory=dict, alias="metadataMapping")
 
     @field_validator("metadata_mapping", mode="before")
     @classmethod
     def _decode(cls, value: Any) -> Any:
-        return {} if value is None else json_value(value, "metadataMapping", object_only=True)
+        # A ValueError, not EventError: pydantic turns only that into a 422 field error.
+        try:
+            return {} if value is None else json_value(value, "metadataMapping", object_only=True)
+        except EventError as err:
+            raise ValueError(err.message) from err
 
     def public(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True)

@@ -1,5 +1,6 @@
 """The API's plumbing over real HTTP: error shape, auth, /backends, /models and the OpenAPI doc."""
 
+import json
 from typing import Any
 
 import httpx
@@ -79,6 +80,23 @@ def test_error_shape_on_every_kind(clean_stack: Stack, llm: ScriptedLLM) -> None
     assert body["error"]["param"] in fields
     for field in fields:
         assert field in body["error"]["message"]
+
+
+def test_nul_in_a_json_string_is_never_a_500(stack: Stack) -> None:
+    """Found by fuzzing: PostgreSQL text cannot hold NUL, and the refused insert was a 500."""
+    postgres = stack.settings.resolved_database_url().startswith("postgresql")
+    for path, body in (
+        ("/models", {"model": "nul\x00model"}),
+        ("/events", {"event_type": "a\x00"}),
+    ):
+        resp = stack.http.post(path, json=body)
+        if postgres:
+            message = assert_error(resp, 422, "invalid_value")["error"]["message"]
+            assert "NUL" in message, message
+        else:  # SQLite stores it as it is
+            assert resp.status_code == 201, resp.text
+            if path == "/models":
+                stack.http.delete(f"/models/{resp.json()['id']}")
 
 
 @pytest.mark.parametrize("path", ["/backends", "/models", "/taskchains", "/runs", "/tasks"])
@@ -280,6 +298,13 @@ def test_models_crud(clean_stack: Stack) -> None:
         "validation_error",
         param="/contextLength",
     )
+    # Found by fuzzing: past a 32-bit integer PostgreSQL refused the insert (a 500).
+    assert_error(
+        http.post("/models", json={"model": "x", "contextLength": 2**53}),
+        422,
+        "validation_error",
+        param="/contextLength",
+    )
     assert_error(http.post("/models", json={"model": ""}), 422, "validation_error")
     assert_error(http.put("/models/missing", json=spec), 404, "not_found")
 
@@ -315,6 +340,13 @@ def test_openapi_lists_every_route(stack: Stack) -> None:
     for path, methods in expected.items():
         assert path in paths, f"{path} missing from /openapi.json"
         assert methods <= set(paths[path]), (path, sorted(paths[path]))
+    # 422 is declared with the body the error handler sends (not FastAPI's default shape).
+    declared = paths["/models"]["post"]["responses"]["422"]["content"]["application/json"]
+    assert declared["schema"]["$ref"] == "#/components/schemas/ErrorBody"
+    error_body = doc["components"]["schemas"]["ErrorBody"]
+    assert set(error_body["required"]) == {"error", "detail", "error_code", "errors"}
+    assert error_body["properties"]["detail"]["type"] == "string"
+    assert "HTTPValidationError" not in json.dumps(doc)
     schemes = doc["components"]["securitySchemes"]
     kinds = {(s["type"], s.get("name") or s.get("scheme")) for s in schemes.values()}
     assert ("apiKey", "X-API-Key") in kinds and ("http", "bearer") in kinds

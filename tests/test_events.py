@@ -307,6 +307,28 @@ def test_raw_events(stack: Stack) -> None:
     assert_error(http.get("/raw-events/99999999"), 404, "not_found")
 
 
+def test_out_of_range_numbers_and_bad_json_are_4xx(stack: Stack) -> None:
+    """Found by fuzzing: each of these was a 500 (PostgreSQL integer overflow or an error
+    raised inside a pydantic validator)."""
+    http = stack.http
+    kind = uniq("fuzz")
+    message = assert_error(
+        http.post("/events", json={"event_type": kind, "version": 2**53}), 422, "invalid_event"
+    )
+    assert "version must be an integer from 0 to 2147483647" in message
+    assert append(stack, event_type=kind, version=2**31 - 1)["version"] == 2**31 - 1
+    mapping = {"path": uniq("fuzz"), "eventType": kind}
+    for bad in ({"version": 2**31}, {"metadataMapping": "[1]"}, {"metadataMapping": "{oops"}):
+        resp = http.post("/mappings", json={**mapping, **bad})
+        assert_error(resp, 422, "validation_error")
+        assert resp.json()["error"]["param"] == "/" + next(iter(bad)), resp.text
+        resp = http.put("/mapping", params={"path": mapping["path"]}, json={**mapping, **bad})
+        assert_error(resp, 422, "validation_error")
+    assert_error(http.get(f"/raw-events/{2**63}"), 400, "invalid_nid")
+    resp = http.get(f"/events/stream/{kind}", headers={"Last-Event-ID": str(2**63)})
+    assert_error(resp, 400, "invalid_last_event_id")
+
+
 def test_mappings_crud_and_sync(stack: Stack) -> None:
     http = stack.http
     path = uniq("github")

@@ -242,14 +242,16 @@ def _resume_point(header: str | None, query: str | None) -> int | None:
     if value is None or value.strip() == "":
         return None
     try:
-        nid = int(value)
-    except ValueError as err:
+        nid: int | None = int(value)
+    except ValueError:
+        nid = None
+    if nid is None or nid > store.MAX_NID:
         raise APIError(
             400,
             "invalid_last_event_id",
             f"Last-Event-ID {value!r} is not an event nid",
             param="Last-Event-ID",
-        ) from err
+        )
     return max(nid, 0)
 
 

@@ -24,7 +24,8 @@ class ModelIn(BaseModel):
     can_embed: bool = Field(False, alias="canEmbed")
     can_prompt: bool = Field(True, alias="canPrompt")
     can_stream: bool = Field(True, alias="canStream")
-    context_length: int = Field(0, alias="contextLength", ge=0)
+    # The column is a 32-bit integer on PostgreSQL.
+    context_length: int = Field(0, alias="contextLength", ge=0, le=2**31 - 1)
 
 
 class ModelOut(BaseModel):
