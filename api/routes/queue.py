@@ -9,6 +9,7 @@ Seed routes: `GET /queue`, `DELETE /queue/cancel`, `GET /queue/inProgress` (SSE)
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -36,6 +37,8 @@ from workflows.download_types import DownloadOptions
 
 log = logging.getLogger("chainloom.api.queue")
 router = APIRouter(tags=["queue"])
+# How long POST /queue waits for a worker to answer the queue query after queueing.
+READ_BACK_SECONDS = 15.0
 
 TASK_TYPE = "model_download"
 FINAL = ("success", "failed", "cancelled")
@@ -281,11 +284,22 @@ async def pull_model(body: PullIn, state: StateDep, principal: PrincipalDep) -> 
         )
     except RPCError as err:
         raise _unavailable(err) from err
-    # Queries see every signal already accepted, so the job is there (or was just finished).
-    [queue] = await _states(client, [row])
-    found = _find(queue, body.model)
+    # Queries see every signal already accepted, so the job is there (or was just finished),
+    # once a worker answers: right after workers (re)start none may for a few seconds.
+    deadline = time.monotonic() + READ_BACK_SECONDS
+    while True:
+        [queue] = await _states(client, [row])
+        found = _find(queue, body.model)
+        if found is not None or not queue.partial or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
     if found is None:
-        raise APIError(503, "queue_unreadable", "the download was queued but cannot be read back")
+        raise APIError(
+            503,
+            "queue_unreadable",
+            f"the download of {body.model!r} is queued, but no worker answered within "
+            f"{READ_BACK_SECONDS:g} s to show it; GET /queue lists it once a worker runs",
+        )
     return job_json(row, *found)
 
 
