@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import col
 
 from core.access import SEGMENT_TYPES
+from core.background import Flusher
 from core.db import Database
 from core.models import RequestLogRow, utcnow
 
@@ -102,8 +103,7 @@ def entry(
     )
 
 
-class RequestLog:
-    FLUSH_SECONDS = 1.0
+class RequestLog(Flusher):
     PRUNE_SECONDS = 3600.0
 
     def __init__(self, db: Database, retention_days: float = 0) -> None:
@@ -112,7 +112,6 @@ class RequestLog:
         self._pruned_at = -math.inf
         self._pending: list[RequestLogRow] = []
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
 
     def prune(self, now: datetime | None = None) -> int:
         """Deletes entries older than the retention period; returns how many."""
@@ -189,20 +188,6 @@ class RequestLog:
                     log.warning("request log: keeping %d entries for the next flush", len(kept))
                     self._pending[:0] = kept[: _MAX_PENDING - len(self._pending)]
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.FLUSH_SECONDS)
-            await self.flush()
-            await self._maybe_prune()
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+    async def tick(self) -> None:
         await self.flush()
+        await self._maybe_prune()

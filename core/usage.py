@@ -16,6 +16,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from core.background import Flusher
 from core.config import Settings
 from core.db import Database
 from core.models import TenantRow, UsageRow, utcnow
@@ -128,15 +129,14 @@ class _Tenant:
     flushing: int = field(default=0)
 
 
-class UsageMeter:
-    REFRESH_SECONDS = 1.0
+class UsageMeter(Flusher):
+    REFRESH_SECONDS = Flusher.INTERVAL
 
     def __init__(self, db: Database, settings: Settings) -> None:
         self._db = db
         self._settings = settings
         self._tenants: dict[str, _Tenant] = {}
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
         self._flushes = 0  # completed flushes, to tell whether a load raced one
 
     def _load(self, tenant_id: str) -> _Tenant:
@@ -244,23 +244,6 @@ class UsageMeter:
         with self._db.session() as session:
             for tenant_id, count in counts.items():
                 add_usage(session, tenant_id, requests=count)
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.REFRESH_SECONDS)
-            await self.flush()
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        await self.flush()
 
 
 def tenant_periods(db: Database, tenant_id: str, limit: int = 12) -> list[UsageRow]:

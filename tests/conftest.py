@@ -4,9 +4,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
+from core.db import Database
 from core.devserver import free_port, start_dev_server, stop_process
 from tests.scripted_llm import ScriptedLLM
 from tests.stack import Stack
@@ -73,3 +75,18 @@ def clean_stack(stack: Stack, llm: ScriptedLLM) -> Stack:
         for item in stack.http.get(path, params={"limit": 1000}).json():
             stack.http.delete(f"{path}/{item[key]}")
     return stack
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    """An HTTP client to the stack's API with no credentials of its own."""
+    with httpx.Client(base_url=stack.api.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture
+def db(stack: Stack) -> Iterator[Database]:
+    """The stack's database, for reading what the API stored."""
+    database = Database(stack.settings.resolved_database_url())
+    yield database
+    database.dispose()

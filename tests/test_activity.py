@@ -246,7 +246,7 @@ def test_changes_are_logged_before_the_response(
     temporal_address: str, sqlite_url: str, llm: ScriptedLLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # With the read buffer never flushed, only the write-through of changes can show them.
-    monkeypatch.setattr(RequestLog, "FLUSH_SECONDS", 3600.0)
+    monkeypatch.setattr(RequestLog, "INTERVAL", 3600.0)
     api = ApiThread(Stack.settings_for(temporal_address, sqlite_url)).start()
     try:
         with httpx.Client(base_url=api.url, headers={"X-API-Key": Stack.API_KEY}) as http:

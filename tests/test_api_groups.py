@@ -4,12 +4,10 @@ The stack (and its database) is shared by the whole session, so every name here 
 """
 
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
-import pytest
 from sqlmodel import select
 
 from api.routes.groups import remove_memberships
@@ -35,13 +33,6 @@ MODEL_KEYS = {
 
 def uid() -> str:
     return uuid.uuid4().hex[:10]
-
-
-@pytest.fixture
-def db(stack: Stack) -> Iterator[Database]:
-    database = Database(stack.settings.resolved_database_url())
-    yield database
-    database.dispose()
 
 
 def add_group(http: httpx.Client, name: str, purpose: str = "") -> dict[str, Any]:

@@ -1,32 +1,16 @@
 """/api-keys over real HTTP: shown once, stored as SHA-256 only, scoped, revocable, expiring."""
 
 import hashlib
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import httpx
-import pytest
 from sqlmodel import Session
 
 from core.db import Database
 from core.models import ApiKeyRow, utcnow
-from tests.stack import Stack
 from tests.test_api_resources import assert_error
 from tests.test_identity import PASSWORD, bearer, chain, email, login, register
-
-
-@pytest.fixture
-def client(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.api.url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture
-def db(stack: Stack) -> Iterator[Database]:
-    database = Database(stack.settings.resolved_database_url())
-    yield database
-    database.dispose()
 
 
 def new_key(client: httpx.Client, token: str, **body: Any) -> dict[str, Any]:

@@ -1,12 +1,10 @@
 """Users and sessions over real HTTP: register, login, refresh, /ui/*, /me, /projects, /users."""
 
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import httpx
-import pytest
 
 from core.db import Database
 from core.identity import Tokens
@@ -49,13 +47,6 @@ def chain(chain_id: str) -> dict[str, Any]:
             }
         ],
     }
-
-
-@pytest.fixture
-def client(stack: Stack) -> Iterator[httpx.Client]:
-    """A client with no credential of its own (stack.http carries the bootstrap key)."""
-    with httpx.Client(base_url=stack.api.url, timeout=60) as c:
-        yield c
 
 
 def test_register_and_login(client: httpx.Client) -> None:

@@ -2,12 +2,10 @@
 keys capped by their creator, closed registration, rate limits on failures, /register audit."""
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from sqlmodel import col, delete
 
 from core.db import Database
@@ -15,19 +13,6 @@ from core.models import MembershipRow, UserRow
 from tests.stack import ApiThread, Stack
 from tests.test_api_resources import assert_error
 from tests.test_identity import PASSWORD, bearer, chain, email, login, register
-
-
-@pytest.fixture
-def client(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.api.url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture
-def db(stack: Stack) -> Iterator[Database]:
-    database = Database(stack.settings.resolved_database_url())
-    yield database
-    database.dispose()
 
 
 def ok(resp: httpx.Response, status: int = 200) -> Any:

@@ -228,6 +228,22 @@ def _email_free(session: Session, email: str) -> None:
         raise _email_taken(email)
 
 
+def _add_user(
+    session: Session, tenant_id: str, body: RegisterIn, password_hash: str, role: str
+) -> UserRow:
+    """A new user whose home tenant is `tenant_id`, with that role in it (not yet committed)."""
+    _email_free(session, body.email)
+    user = UserRow(
+        tenant_id=tenant_id,
+        email=body.email,
+        friendly_name=body.friendly_name,
+        password_hash=password_hash,
+    )
+    session.add(user)
+    session.add(MembershipRow(tenant_id=tenant_id, user_id=user.id, role=role))
+    return user
+
+
 def _commit(session: Session, email: str) -> None:
     # Two requests for one email can both pass _email_free; the unique index decides.
     try:
@@ -280,17 +296,9 @@ def _register(state: AppState, body: RegisterIn, request: Request) -> dict[str, 
         raise APIError(403, "registration_closed", "registration is closed on this server")
     password_hash = hash_password(body.password)
     with state.db.session() as session:
-        _email_free(session, body.email)
         tenant = TenantRow(name=(body.friendly_name or body.email)[:200])
-        user = UserRow(
-            tenant_id=tenant.id,
-            email=body.email,
-            friendly_name=body.friendly_name,
-            password_hash=password_hash,
-        )
         session.add(tenant)
-        session.add(user)
-        session.add(MembershipRow(tenant_id=tenant.id, user_id=user.id, role="admin"))
+        user = _add_user(session, tenant.id, body, password_hash, "admin")
         key, plain = issue_key(session, tenant.id, user.id, "initial", ["admin"])
         _commit(session, body.email)
         # Nobody was signed in: the new user is who the request log (the tenant's /audit)
@@ -815,15 +823,7 @@ def create_user(body: UserIn, state: StateDep, principal: PrincipalDep) -> dict[
     _may_grant(_ceiling(state, principal), principal, body.role)
     password_hash = hash_password(body.password)
     with state.db.session() as session:
-        _email_free(session, body.email)
-        user = UserRow(
-            tenant_id=principal.tenant_id,
-            email=body.email,
-            friendly_name=body.friendly_name,
-            password_hash=password_hash,
-        )
-        session.add(user)
-        session.add(MembershipRow(tenant_id=principal.tenant_id, user_id=user.id, role=body.role))
+        user = _add_user(session, principal.tenant_id, body, password_hash, body.role)
         _commit(session, body.email)
         return user_json(user, body.role, principal.tenant_id)
 
