@@ -3,17 +3,19 @@
 The usage meter and the request log buffer writes this way so a request never waits on them.
 """
 
+import abc
 import asyncio
 import contextlib
 
 
-class Flusher:
+class Flusher(abc.ABC):
     INTERVAL = 1.0
 
     _task: asyncio.Task[None] | None = None
 
+    @abc.abstractmethod
     async def flush(self) -> None:
-        raise NotImplementedError
+        """Writes what is held in memory."""
 
     async def tick(self) -> None:
         """One period's work; by default a flush."""
