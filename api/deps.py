@@ -467,7 +467,12 @@ def parse_cursor(cursor: str | None) -> datetime | None:
             400, "invalid_cursor", f"cursor {cursor!r} is not an RFC 3339 timestamp", param="cursor"
         ) from err
     # Stored times are UTC (SQLite compares them as text): bring every cursor to UTC.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError as err:  # 9999-12-31T23:59-05:00 lies past the last datetime
+        raise APIError(
+            400, "invalid_cursor", f"cursor {cursor!r} is out of range", param="cursor"
+        ) from err
 
 
 def page_limit(limit: str | None, default: int = 100, maximum: int = 1000) -> int:

@@ -234,3 +234,9 @@ def test_a_nul_in_the_url_is_refused_before_any_route(stack: Stack) -> None:
         assert resp.status_code == 400, (path, resp.text)
         assert resp.json()["error"]["code"] == "invalid_request"
     assert stack.http.get("/backends").status_code == 200
+
+
+def test_a_cursor_past_the_last_datetime_is_a_400(stack: Stack) -> None:
+    for path, param in (("/audit", "from"), ("/api-keys", "cursor"), ("/taskchains", "cursor")):
+        resp = stack.http.get(path, params={param: "9999-12-31T23:59:59-05:00"})
+        assert resp.status_code == 400, (path, resp.text)
