@@ -5,6 +5,7 @@ very next request of that identity.
 """
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Query
@@ -70,27 +71,48 @@ class AccessEntryOut(BaseModel):
     identityDetails: dict[str, Any] | None = None
 
 
-def _identity_of(session: Session, tenant_id: str, identity: str) -> tuple[str, dict[str, Any]]:
-    """('user'|'key', details) for an identity of the tenant; 422 for anyone else's."""
-    member = session.get(MembershipRow, (tenant_id, identity))
-    if member is not None:
-        user = session.get(UserRow, identity)
-        if user is not None:
-            return "user", {
+Identity = tuple[str, dict[str, Any]]  # ('user'|'key', details)
+
+
+def _identities(session: Session, tenant_id: str, ids: set[str]) -> dict[str, Identity]:
+    """The users and API keys of the tenant among `ids`, in two queries whatever their number."""
+    found: dict[str, Identity] = {}
+    members = session.exec(
+        select(MembershipRow, UserRow)
+        .join(UserRow, col(UserRow.id) == col(MembershipRow.user_id))
+        .where(MembershipRow.tenant_id == tenant_id, col(MembershipRow.user_id).in_(ids))
+    )
+    for member, user in members:
+        found[user.id] = (
+            "user",
+            {
                 "id": user.id,
                 "email": user.email,
                 "friendlyName": user.friendly_name,
                 "role": member.role,
-            }
-    key = session.get(ApiKeyRow, identity)
-    if key is not None and key.tenant_id == tenant_id:
-        return "key", {"id": key.id, "name": key.name, "prefix": key.prefix}
-    raise APIError(
-        422,
-        "unknown_identity",
-        f"identity {identity!r} is neither a user nor an API key of this tenant",
-        param="identity",
-    )
+            },
+        )
+    rest = ids - found.keys()
+    if rest:
+        keys = session.exec(
+            select(ApiKeyRow).where(ApiKeyRow.tenant_id == tenant_id, col(ApiKeyRow.id).in_(rest))
+        )
+        for key in keys:
+            found[key.id] = "key", {"id": key.id, "name": key.name, "prefix": key.prefix}
+    return found
+
+
+def _identity_of(session: Session, tenant_id: str, identity: str) -> Identity:
+    """A user or API key of the tenant; 422 for anyone else's."""
+    found = _identities(session, tenant_id, {identity}).get(identity)
+    if found is None:
+        raise APIError(
+            422,
+            "unknown_identity",
+            f"identity {identity!r} is neither a user nor an API key of this tenant",
+            param="identity",
+        )
+    return found
 
 
 def _check_grantable(
@@ -108,11 +130,18 @@ def _check_grantable(
         )
 
 
-def _entry_json(session: Session, row: AccessEntryRow, expand: bool) -> dict[str, Any]:
-    try:
-        kind, details = _identity_of(session, row.tenant_id, row.identity)
-    except APIError:  # the identity was deleted since; the entry is inert
-        kind, details = "unknown", {}
+def _entries_json(
+    session: Session, rows: Sequence[AccessEntryRow], expand: bool
+) -> list[dict[str, Any]]:
+    if not rows:
+        return []
+    found = _identities(session, rows[0].tenant_id, {row.identity for row in rows})
+    return [_entry_json(row, expand, found.get(row.identity)) for row in rows]
+
+
+def _entry_json(row: AccessEntryRow, expand: bool, identity: Identity | None) -> dict[str, Any]:
+    # No identity: it was deleted since, and the entry is inert.
+    kind, details = identity or ("unknown", {})
     return {
         "id": row.id,
         "identity": row.identity,
@@ -160,7 +189,7 @@ async def list_entries(
                 query = query.where(col(AccessEntryRow.created_at) > after)
             query = query.order_by(col(AccessEntryRow.created_at), col(AccessEntryRow.id))
             rows = session.exec(query.limit(size)).all()
-            return [_entry_json(session, row, with_details) for row in rows]
+            return _entries_json(session, rows, with_details)
 
     return await asyncio.to_thread(load)
 
@@ -177,7 +206,7 @@ async def create_entry(
     def create() -> dict[str, Any]:
         _check_grantable(state, principal, body.resource_type, body.resource, body.permission)
         with state.db.session() as session:
-            _identity_of(session, principal.tenant_id, body.identity)
+            identity = _identity_of(session, principal.tenant_id, body.identity)
             row = AccessEntryRow(
                 tenant_id=principal.tenant_id,
                 identity=body.identity,
@@ -195,7 +224,7 @@ async def create_entry(
                     f"{body.identity} already has an entry for {body.resource_type}/"
                     f"{body.resource}; update it with PUT /access-control/{{id}}",
                 ) from err
-            return _entry_json(session, row, True)
+            return _entry_json(row, True, identity)
 
     return await asyncio.to_thread(create)
 
@@ -213,7 +242,7 @@ async def get_entry(
     def load() -> dict[str, Any]:
         with state.db.session() as session:
             row = owned(session, AccessEntryRow, id, principal.tenant_id, "access entry")
-            return _entry_json(session, row, with_details)
+            return _entries_json(session, [row], with_details)[0]
 
     return await asyncio.to_thread(load)
 
@@ -235,7 +264,7 @@ async def update_entry(
             for permission in (row.permission, body.permission):
                 _check_grantable(state, principal, row.resource_type, row.resource, permission)
             _check_grantable(state, principal, body.resource_type, body.resource, body.permission)
-            _identity_of(session, principal.tenant_id, body.identity)
+            identity = _identity_of(session, principal.tenant_id, body.identity)
             row.identity = body.identity
             row.resource_type = body.resource_type
             row.resource = body.resource
@@ -248,7 +277,7 @@ async def update_entry(
                 raise APIError(
                     409, "entry_exists", "another entry already covers that identity and resource"
                 ) from err
-            return _entry_json(session, row, True)
+            return _entry_json(row, True, identity)
 
     return await asyncio.to_thread(update)
 
