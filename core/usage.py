@@ -65,14 +65,20 @@ def record_tokens(db: Database, tenant_id: str, tokens: int) -> None:
             add_usage(session, tenant_id, tokens=tokens)
 
 
+def _stored(db: Database, tenant_id: str, period: str) -> tuple[UsageRow | None, TenantRow | None]:
+    with db.session() as session:
+        return session.get(UsageRow, (tenant_id, period)), session.get(TenantRow, tenant_id)
+
+
+def _own_or(quota: int | None, default: int) -> int:
+    """A tenant's own quota wins over the setting, even 0 (unlimited)."""
+    return default if quota is None else quota
+
+
 def token_quota(db: Database, tenant_id: str, default_quota: int) -> "Quota":
     """This month's tokens against the tenant's token quota (for workers, which have no meter)."""
-    with db.session() as session:
-        row = session.get(UsageRow, (tenant_id, period_of()))
-        tenant = session.get(TenantRow, tenant_id)
-    limit = default_quota
-    if tenant is not None and tenant.token_quota is not None:
-        limit = tenant.token_quota
+    row, tenant = _stored(db, tenant_id, period_of())
+    limit = _own_or(tenant.token_quota if tenant else None, default_quota)
     return Quota(row.tokens if row else 0, limit)
 
 
@@ -141,23 +147,15 @@ class UsageMeter(Flusher):
 
     def _load(self, tenant_id: str) -> _Tenant:
         period = period_of()
-        with self._db.session() as session:
-            row = session.get(UsageRow, (tenant_id, period))
-            tenant = session.get(TenantRow, tenant_id)
-        requests_quota = self._settings.request_quota
-        token_quota = self._settings.token_quota
-        if tenant is not None and tenant.request_quota is not None:
-            requests_quota = tenant.request_quota
-        if tenant is not None and tenant.token_quota is not None:
-            token_quota = tenant.token_quota
+        row, tenant = _stored(self._db, tenant_id, period)
         return _Tenant(
             time.monotonic(),
             period,
             row.requests if row else 0,
             row.tokens if row else 0,
-            requests_quota,
-            token_quota,
-            rate_limit=tenant.rate_limit if tenant is not None else None,
+            _own_or(tenant.request_quota if tenant else None, self._settings.request_quota),
+            _own_or(tenant.token_quota if tenant else None, self._settings.token_quota),
+            rate_limit=tenant.rate_limit if tenant else None,
         )
 
     async def _entry(self, tenant_id: str) -> _Tenant:
