@@ -19,6 +19,7 @@ from core.access import (
     RESOURCE_TYPES,
     ROLES,
     SEGMENT_TYPES,
+    STARTS_RUNS,
     SYSTEM,
     at_least,
     required_level,
@@ -26,7 +27,14 @@ from core.access import (
 )
 from core.config import Settings
 from core.db import Database
-from core.identity import TokenError, Tokens, digest_matches, key_prefix, looks_like_jwt
+from core.identity import (
+    TokenClaims,
+    TokenError,
+    Tokens,
+    digest_matches,
+    key_prefix,
+    looks_like_jwt,
+)
 from core.models import (
     AccessEntryRow,
     ApiKeyRow,
@@ -36,9 +44,9 @@ from core.models import (
     as_utc,
     utcnow,
 )
-from core.ratelimit import RateLimiter
+from core.ratelimit import RateLimiter, Verdict
 from core.temporal import connect, ensure_search_attributes
-from core.usage import UsageMeter, period_reset
+from core.usage import Snapshot, UsageMeter, period_reset
 
 T = TypeVar("T")
 
@@ -165,19 +173,27 @@ def _key_principal(state: AppState, presented: str) -> Principal:
     )
 
 
+def live_session(session: Session, claims: TokenClaims) -> tuple[UserRow, MembershipRow]:
+    """The user and membership a token speaks for: a 401 once the user's tokens were revoked
+    (password change, logout everywhere) or the membership is gone."""
+    user = session.get(UserRow, claims.user_id)
+    member = session.get(MembershipRow, (claims.tenant_id, claims.user_id))
+    if user is None or user.token_version != claims.version:
+        raise _unauthorized("invalid_token", "the token has been revoked; log in again")
+    if member is None:
+        raise _unauthorized("invalid_token", "the user is no longer a member of this tenant")
+    return user, member
+
+
 def _user_principal(state: AppState, token: str) -> Principal:
     try:
         claims = state.tokens.check(token)
     except TokenError as err:
         raise _unauthorized("invalid_token", str(err)) from err
     with state.db.session() as session:
-        user = session.get(UserRow, claims.user_id)
-        member = session.get(MembershipRow, (claims.tenant_id, claims.user_id))
-        revoked = session.get(RevokedTokenRow, claims.jti)
-    if user is None or user.token_version != claims.version or revoked is not None:
-        raise _unauthorized("invalid_token", "the token has been revoked; log in again")
-    if member is None:
-        raise _unauthorized("invalid_token", "the user is no longer a member of this tenant")
+        user, member = live_session(session, claims)
+        if session.get(RevokedTokenRow, claims.jti) is not None:
+            raise _unauthorized("invalid_token", "the token has been revoked; log in again")
     return Principal(
         tenant_id=claims.tenant_id,
         identity=user.id,
@@ -205,22 +221,16 @@ def bootstrap_principal(state: AppState) -> Principal:
 
 
 def authenticate(state: AppState, presented: str | None) -> Principal:
+    """A user or API key principal (require_auth has already matched the bootstrap key)."""
     if not presented:
         raise _unauthorized(
             "missing_api_key",
             "authentication required: send an API key in X-API-Key or Authorization: Bearer, "
             "or a token from /login",
         )
-    if is_bootstrap(state, presented):
-        return bootstrap_principal(state)
     if looks_like_jwt(presented):
         return _user_principal(state, presented)
     return _key_principal(state, presented)
-
-
-# Routes that start a run: refused once the token quota is used up. Cancelling or approving
-# a run already going stays allowed.
-STARTS_RUNS = frozenset({"/tasks", "/runs"})
 
 
 def _route_path(request: Request) -> str:
@@ -330,7 +340,7 @@ async def require_auth(
             )
         except APIError as err:
             if err.status == 401:
-                await _count_failed_auth(request, state, err)
+                await _count_failed_auth(request, state)
             raise
     request.state.principal = principal
     tenant_limit = state.limiter.tenant_limit(await state.usage.rate_limit(principal.tenant_id))
@@ -338,25 +348,11 @@ async def require_auth(
         (state.limiter.per_identity, identity_counter(principal)),
         (tenant_limit, f"tenant:{principal.tenant_id}"),
     )
-    add_response_headers(request, verdict.headers())
-    if not verdict.allowed:
-        raise APIError(
-            429,
-            "rate_limited",
-            f"rate limit of {verdict.limit} requests exceeded; retry after "
-            f"{verdict.headers()['Retry-After']} s",
-            headers=verdict.headers(),
-        )
+    refuse_when_limited(request, verdict, f"rate limit of {verdict.limit} requests exceeded")
     usage = await state.usage.count_request(principal.tenant_id)
     add_response_headers(request, usage.headers())
     if usage.refused:
-        raise APIError(
-            429,
-            "quota_exceeded",
-            f"monthly request quota of {usage.requests.limit} is used up; it resets on "
-            f"{period_reset(usage.period).date().isoformat()}",
-            headers={**usage.headers(), **_retry_at(period_reset(usage.period))},
-        )
+        raise _quota_spent("request", usage.requests.limit, usage)
     if kind == SYSTEM and not principal.system_admin:
         raise APIError(403, "forbidden", "only a system administrator may read /system")
     if not at_least(level, needed):
@@ -366,13 +362,7 @@ async def require_auth(
             f"{needed} permission on {kind} is needed; this {principal.kind} has {level}",
         )
     if request.method == "POST" and _route_path(request) in STARTS_RUNS and usage.tokens.exhausted:
-        raise APIError(
-            429,
-            "quota_exceeded",
-            f"monthly token quota of {usage.tokens.limit} is used up; it resets on "
-            f"{period_reset(usage.period).date().isoformat()}",
-            headers={**usage.headers(), **_retry_at(period_reset(usage.period))},
-        )
+        raise _quota_spent("token", usage.tokens.limit, usage)
     return principal
 
 
@@ -394,18 +384,10 @@ def _client_host(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-async def _count_failed_auth(request: Request, state: AppState, err: APIError) -> None:
+async def _count_failed_auth(request: Request, state: AppState) -> None:
     """Counts a refused credential per client address, so guessing keys is rate-limited too."""
     verdict = await state.limiter.hit((state.limiter.login, f"authfail:{_client_host(request)}"))
-    add_response_headers(request, verdict.headers())
-    if not verdict.allowed:
-        raise APIError(
-            429,
-            "rate_limited",
-            f"too many failed authentication attempts; retry after "
-            f"{verdict.headers()['Retry-After']} s",
-            headers=verdict.headers(),
-        ) from err
+    refuse_when_limited(request, verdict, "too many failed authentication attempts")
 
 
 # Routes sharing one counter per address: the cookie variant of a route must not double
@@ -430,14 +412,27 @@ async def limit_by_client(request: Request, state: StateDep) -> None:
     verdict = await state.limiter.hit(
         (state.limiter.login, f"ip:{_client_host(request)}:{counter}")
     )
+    refuse_when_limited(request, verdict, "too many attempts")
+
+
+def refuse_when_limited(request: Request, verdict: Verdict, what: str) -> None:
+    """Puts a counter's headers on the response; a 429 saying `what` once its limit is spent."""
     add_response_headers(request, verdict.headers())
     if not verdict.allowed:
+        retry = verdict.headers()["Retry-After"]
         raise APIError(
-            429,
-            "rate_limited",
-            f"too many attempts; retry after {verdict.headers()['Retry-After']} s",
-            headers=verdict.headers(),
+            429, "rate_limited", f"{what}; retry after {retry} s", headers=verdict.headers()
         )
+
+
+def _quota_spent(kind: str, limit: int, usage: Snapshot) -> APIError:
+    reset = period_reset(usage.period)
+    return APIError(
+        429,
+        "quota_exceeded",
+        f"monthly {kind} quota of {limit} is used up; it resets on {reset.date().isoformat()}",
+        headers={**usage.headers(), **_retry_at(reset)},
+    )
 
 
 def add_response_headers(request: Request, headers: dict[str, str]) -> None:

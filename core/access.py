@@ -48,6 +48,10 @@ SELF_SEGMENTS = ("me", "ui", "projects", "permissions")
 MANAGE_TO_READ = frozenset({"users", "access", "apikeys", "activity"})
 
 SEGMENT_TYPES = {seg: kind for kind, segs in RESOURCE_TYPES.items() for seg in segs}
+
+# Routes whose POST starts a run: logged as "execute", and refused once the token quota is
+# used up (cancelling or approving a run already going stays allowed).
+STARTS_RUNS = frozenset({"/tasks", "/runs"})
 SEGMENT_TYPES.update({seg: SELF for seg in SELF_SEGMENTS})
 SEGMENT_TYPES["system"] = SYSTEM
 

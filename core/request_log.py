@@ -18,7 +18,7 @@ from sqlalchemy import delete
 from sqlalchemy.exc import OperationalError
 from sqlmodel import col
 
-from core.access import SEGMENT_TYPES
+from core.access import SEGMENT_TYPES, STARTS_RUNS
 from core.background import Flusher
 from core.db import Database
 from core.models import RequestLogRow, utcnow
@@ -29,8 +29,6 @@ MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 UNLOGGED_PATHS = frozenset({"/health", "/ready", "/ping"})
 _OPERATIONS = {"GET": "read", "HEAD": "read", "POST": "create", "PUT": "update", "PATCH": "update"}
 _OPERATIONS["DELETE"] = "delete"
-# Templates whose POST starts a chain run rather than creating a stored resource.
-_EXECUTE = frozenset({"/tasks", "/runs"})
 # Reads waiting for a flush are capped so a database outage cannot exhaust memory.
 _MAX_PENDING = 10_000
 
@@ -57,18 +55,13 @@ def note_run(run_id: str) -> None:
 
 def operation_of(method: str, template: str) -> str:
     if method == "POST":
-        if template.rstrip("/") in _EXECUTE:
+        if template.rstrip("/") in STARTS_RUNS:
             return "execute"
         parts = template.strip("/").split("/")
         # POST /runs/{id}/cancel and the like are actions on an existing resource.
         if len(parts) >= 3 and parts[-2].startswith("{") and not parts[-1].startswith("{"):
             return parts[-1][:32]
     return _OPERATIONS.get(method, method.lower()[:32])
-
-
-def _clean(value: str, size: int) -> str:
-    # PostgreSQL text cannot hold NUL, and a decoded path may contain one.
-    return value.replace("\x00", "\ufffd")[:size]
 
 
 def entry(
@@ -88,16 +81,16 @@ def entry(
     client = scope.get("client")
     return RequestLogRow(
         tenant_id=principal.tenant_id,
-        method=_clean(method, 10),
-        path=_clean(path, 2000),
-        route=_clean(template, 400),
+        method=method[:10],
+        path=path[:2000],
+        route=template[:400],
         status=status,
         duration_ms=round(duration_ms, 3),
         identity=principal.identity[:64],
         identity_kind=principal.kind[:16],
-        operation=_clean(operation_of(method, template or path), 32),
-        subject=_clean(SEGMENT_TYPES.get(segment, segment), 64),
-        subject_id=_clean(subject_id, 400),
+        operation=operation_of(method, template or path)[:32],
+        subject=SEGMENT_TYPES.get(segment, segment)[:64],
+        subject_id=subject_id[:400],
         run_id=run_id,
         client=str(client[0])[:64] if client else "",
     )

@@ -13,6 +13,7 @@ from sqlmodel import Session
 
 from api.deps import Principal, PrincipalDep, StateDep, levels_everywhere, owned, tenant_page
 from api.errors import APIError
+from api.fields import plain_text
 from core.access import RANK, RESOURCE_TYPES, SCOPE_LEVELS, valid_scope
 from core.identity import new_api_key
 from core.models import ApiKeyRow, rfc3339, utcnow
@@ -35,9 +36,7 @@ class ApiKeyIn(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("name must not be blank")
-        if "\x00" in value:  # PostgreSQL text cannot hold NUL
-            raise ValueError("name must not contain NUL characters")
-        return value.strip()
+        return plain_text(value.strip())
 
 
 class ApiKeyOut(BaseModel):

@@ -22,13 +22,15 @@ from api.deps import (
     Principal,
     PrincipalDep,
     StateDep,
-    add_response_headers,
     levels_everywhere,
     limit_by_client,
+    live_session,
     page_limit,
     parse_cursor,
+    refuse_when_limited,
 )
 from api.errors import APIError, not_found
+from api.fields import plain_text
 from api.routes.apikeys import issue_key, key_json
 from core.access import RANK, ROLES
 from core.identity import (
@@ -67,13 +69,6 @@ def _email(value: str) -> str:
     return email
 
 
-def _plain(value: str | None) -> str | None:
-    # PostgreSQL text cannot hold NUL; refused here rather than failing in the database.
-    if value is not None and "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    return value
-
-
 def _new_password(value: str) -> str:
     problem = password_problem(value)
     if problem:
@@ -100,7 +95,7 @@ class RegisterIn(BaseModel):
 
     _check_email = field_validator("email")(_email)
     _check_password = field_validator("password")(_new_password)
-    _check_name = field_validator("friendly_name")(_plain)
+    _check_name = field_validator("friendly_name")(plain_text)
 
 
 class LoginIn(BaseModel):
@@ -110,7 +105,7 @@ class LoginIn(BaseModel):
     password: str = Field(..., max_length=1024)
     tenant_id: str | None = Field(None, alias="tenantId", max_length=64)
 
-    _check_text = field_validator("email", "tenant_id")(_plain)
+    _check_text = field_validator("email", "tenant_id")(plain_text)
 
 
 class RefreshIn(BaseModel):
@@ -133,7 +128,7 @@ class MeIn(BaseModel):
 
     _check_email = field_validator("email")(_optional_email)
     _check_password = field_validator("password")(_optional_password)
-    _check_name = field_validator("friendly_name")(_plain)
+    _check_name = field_validator("friendly_name")(plain_text)
 
 
 class UserIn(RegisterIn):
@@ -166,7 +161,7 @@ class ProjectIn(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("name must not be blank")
-        return str(_plain(value.strip()))
+        return plain_text(value.strip())
 
 
 class UserOut(BaseModel):
@@ -395,12 +390,7 @@ def _revoke(session: Session, claims: TokenClaims, until: datetime) -> bool:
 def _refresh(state: AppState, token: str) -> dict[str, Any]:
     claims, until = _refresh_claims(state, token)
     with state.db.session() as session:
-        user = session.get(UserRow, claims.user_id)
-        member = session.get(MembershipRow, (claims.tenant_id, claims.user_id))
-        if user is None or user.token_version != claims.version:
-            raise APIError(401, "invalid_token", "the token has been revoked; log in again")
-        if member is None:
-            raise APIError(401, "invalid_token", "the user is no longer a member of this tenant")
+        user, _ = live_session(session, claims)
         # Rotation: each token refreshes once, so a stolen one is noticed when either the
         # thief or the user presents it second.
         if not _revoke(session, claims, until):
@@ -420,15 +410,10 @@ async def _limit_email(request: Request, state: AppState, email: str) -> None:
     """A login counter per account, so many addresses cannot share out a password guess."""
     key = f"login-email:{email.strip().lower()}"
     verdict = await state.limiter.hit((state.limiter.login, key))
+    # Until it is spent, this counter's headers stay off the response: the per-address
+    # counter's are the ones a client should pace itself by.
     if not verdict.allowed:
-        add_response_headers(request, verdict.headers())
-        raise APIError(
-            429,
-            "rate_limited",
-            f"too many login attempts for this account; retry after "
-            f"{verdict.headers()['Retry-After']} s",
-            headers=verdict.headers(),
-        )
+        refuse_when_limited(request, verdict, "too many login attempts for this account")
 
 
 @public_router.post(
@@ -643,6 +628,22 @@ def _verify_current(user: UserRow, current: str | None) -> None:
         )
 
 
+def _update_profile(session: Session, user: UserRow, body: MeIn, new_hash: str | None) -> None:
+    """Writes the profile fields `body` sets, and commits; a new password ends every token
+    issued before it."""
+    if body.email is not None and body.email != user.email:
+        _email_free(session, body.email)
+        user.email = body.email
+    if body.friendly_name is not None:
+        user.friendly_name = body.friendly_name
+    if new_hash is not None:
+        user.password_hash = new_hash
+        user.token_version += 1
+    user.updated_at = utcnow()
+    session.add(user)
+    _commit(session, user.email)
+
+
 @router.patch(
     "/me",
     summary="Updates the caller's profile; email and password need currentPassword.",
@@ -653,17 +654,7 @@ def patch_me(body: MeIn, state: StateDep, principal: PrincipalDep) -> dict[str, 
         if body.email is not None or body.password is not None:
             _verify_current(user, body.current_password)
         new_hash = hash_password(body.password) if body.password is not None else None
-        if body.email is not None and body.email != user.email:
-            _email_free(session, body.email)
-            user.email = body.email
-        if body.friendly_name is not None:
-            user.friendly_name = body.friendly_name
-        if new_hash is not None:
-            user.password_hash = new_hash
-            user.token_version += 1  # every token issued before stops working
-        user.updated_at = utcnow()
-        session.add(user)
-        _commit(session, user.email)
+        _update_profile(session, user, body, new_hash)
         result = user_json(user, principal.role, principal.tenant_id)
         if new_hash is not None:
             result.update(_tokens(state, user, principal.tenant_id))
@@ -860,17 +851,7 @@ def update_user(
                 raise _last_admin()
             member.role = body.role
             session.add(member)
-        if body.email is not None and body.email != user.email:
-            _email_free(session, body.email)
-            user.email = body.email
-        if body.friendly_name is not None:
-            user.friendly_name = body.friendly_name
-        if new_hash is not None:
-            user.password_hash = new_hash
-            user.token_version += 1
-        user.updated_at = utcnow()
-        session.add(user)
-        _commit(session, user.email)
+        _update_profile(session, user, body, new_hash)
         return user_json(user, member.role, principal.tenant_id)
 
 

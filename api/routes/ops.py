@@ -27,6 +27,7 @@ from temporalio.client import Client
 
 from api.deps import AppState, StateDep
 from api.errors import APIError, not_found
+from api.fields import plain_text
 from core.models import UserRow, rfc3339, utcnow
 
 public_router = APIRouter(tags=["operations"])
@@ -314,9 +315,7 @@ class SystemAdminIn(BaseModel):
     @field_validator("email")
     @classmethod
     def _normal(cls, value: str) -> str:
-        if "\x00" in value:  # PostgreSQL text cannot hold NUL
-            raise ValueError("must not contain NUL characters")
-        return value.strip().lower()
+        return plain_text(value.strip().lower())
 
 
 def _admin_json(user: UserRow) -> dict[str, Any]:
