@@ -11,3 +11,10 @@ def plain_text(value: _Text) -> _Text:
     if value is not None and "\x00" in value:
         raise ValueError("must not contain NUL characters")
     return value
+
+
+def a_name(value: str) -> str:
+    """A name as given, trimmed; blank names are refused."""
+    if not value.strip():
+        raise ValueError("name must not be blank")
+    return plain_text(value.strip())

@@ -13,7 +13,7 @@ from sqlmodel import Session
 
 from api.deps import Principal, PrincipalDep, StateDep, levels_everywhere, owned, tenant_page
 from api.errors import APIError
-from api.fields import plain_text
+from api.fields import a_name
 from core.access import RANK, RESOURCE_TYPES, SCOPE_LEVELS, valid_scope
 from core.identity import new_api_key
 from core.models import ApiKeyRow, rfc3339, utcnow
@@ -31,12 +31,7 @@ class ApiKeyIn(BaseModel):
     expires_at: datetime | None = Field(None, alias="expiresAt")
     expires_in_days: int | None = Field(None, alias="expiresInDays", ge=1, le=36500)
 
-    @field_validator("name")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("name must not be blank")
-        return plain_text(value.strip())
+    _name = field_validator("name")(a_name)
 
 
 class ApiKeyOut(BaseModel):

@@ -30,7 +30,7 @@ from api.deps import (
     refuse_when_limited,
 )
 from api.errors import APIError, not_found
-from api.fields import plain_text
+from api.fields import a_name, plain_text
 from api.routes.apikeys import issue_key, key_json
 from core.access import RANK, ROLES
 from core.identity import (
@@ -156,12 +156,7 @@ class UserUpdateIn(MeIn):
 class ProjectIn(BaseModel):
     name: str = Field(..., min_length=1, max_length=200)
 
-    @field_validator("name")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("name must not be blank")
-        return plain_text(value.strip())
+    _name = field_validator("name")(a_name)
 
 
 class UserOut(BaseModel):
