@@ -254,6 +254,8 @@ def test_tenants_routes(make_stack: StackFactory, database_url: str) -> None:
     assert stack.http.patch("/tenants/a%00b", json={"name": "x"}).status_code == 400
     assert stack.http.get("/usage", params={"tenantId": "a\x00b"}).status_code == 400
     assert stack.http.post("/tenants", json={"name": "a\x00b"}).status_code == 422
+    assert stack.http.post("/tenants", json={"name": "  "}).status_code == 422
+    assert stack.http.patch(f"/tenants/{acme['id']}", json={"name": " "}).status_code == 422
     assert stack.http.post("/tenants", json={}).status_code == 422
 
     # A member of acme sees acme only, and changes nothing.

@@ -21,7 +21,7 @@ from api.deps import (
     require_system_admin,
 )
 from api.errors import not_found
-from api.fields import plain_text
+from api.fields import a_name
 from core.models import TenantRow, rfc3339, utcnow
 from core.ratelimit import parse_limit
 
@@ -67,7 +67,7 @@ class _Limits(BaseModel):
 class TenantIn(_Limits):
     name: str = Field(..., min_length=1, max_length=200)
 
-    _name = field_validator("name")(plain_text)
+    _name = field_validator("name")(a_name)
 
 
 class TenantPatch(_Limits):
@@ -78,7 +78,7 @@ class TenantPatch(_Limits):
     def _name_not_null(cls, value: str | None) -> str:
         if value is None:
             raise ValueError("name cannot be null")
-        return plain_text(value)
+        return a_name(value)
 
 
 def tenant_json(row: TenantRow) -> dict[str, Any]:
