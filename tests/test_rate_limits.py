@@ -10,10 +10,8 @@ import httpx
 import pytest
 import redis
 
-from core.db import Database
-from core.identity import new_api_key
-from core.models import ApiKeyRow
 from tests.stack import ApiThread, Stack
+from tests.test_ops import make_key
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
@@ -43,23 +41,9 @@ def tenant_of(stack: Stack) -> str:
 
 def key_client(stack: Stack, scopes: list[str], tenant_id: str | None = None) -> httpx.Client:
     """A client with a fresh API key of the tenant, written straight to the database."""
-    key = new_api_key()
-    db = Database(stack.settings.resolved_database_url())
-    try:
-        with db.session() as session:
-            session.add(
-                ApiKeyRow(
-                    tenant_id=tenant_id or tenant_of(stack),
-                    name="test-" + key.prefix,
-                    prefix=key.prefix,
-                    key_hash=key.digest,
-                    scopes=scopes,
-                )
-            )
-            session.commit()
-    finally:
-        db.dispose()
-    return httpx.Client(base_url=stack.api.url, headers={"X-API-Key": key.plain}, timeout=30)
+    url = stack.settings.resolved_database_url()
+    key = make_key(url, tenant_id or tenant_of(stack), scopes)
+    return httpx.Client(base_url=stack.api.url, headers={"X-API-Key": key}, timeout=30)
 
 
 def remaining(resp: httpx.Response) -> int:
