@@ -322,6 +322,9 @@ class RevokedTokenRow(SQLModel, table=True):
     jti: str = Field(primary_key=True, max_length=64)
     tenant_id: str = Field(max_length=64)
     user_id: str = Field(max_length=64)
+    # "refreshed" (spent by /token_refresh: presenting it again may mean it was stolen) or
+    # "logout".
+    reason: str = Field(max_length=16)
     expires_at: datetime = Field(
         sa_column=Column(DateTime(timezone=True), nullable=False, index=True)
     )

@@ -145,6 +145,7 @@ def test_refresh_tokens_are_single_use(stack: Stack, client: httpx.Client) -> No
                     jti=dead,
                     tenant_id=a["tenantId"],
                     user_id=a["id"],
+                    reason="logout",
                     expires_at=utcnow() - timedelta(seconds=1),
                 )
             )
@@ -157,19 +158,20 @@ def test_refresh_tokens_are_single_use(stack: Stack, client: httpx.Client) -> No
         db.dispose()
     again = client.post("/token_refresh", json={"token": a["refreshToken"]})
     assert "already used" in assert_error(again, 401, "invalid_token")["error"]["message"]
-    # The new pair works once too.
-    second = client.post("/token_refresh", json={"token": first.json()["refreshToken"]})
+    # A reused token may be a stolen one: every session of the user ends, the pair the
+    # first refresh gave included.
+    assert_error(client.get("/me", headers=bearer(first.json()["token"])), 401, "invalid_token")
+    spent = client.post("/token_refresh", json={"token": first.json()["refreshToken"]})
+    assert_error(spent, 401, "invalid_token")
+    # A new login's pair works; an access token used to refresh is spent as well, for
+    # refreshing and for calls.
+    fresh = login(client, a["email"])
+    second = client.post("/token_refresh", json={"token": fresh["refreshToken"]})
     assert second.status_code == 200, second.text
-    assert_error(
-        client.post("/token_refresh", json={"token": first.json()["refreshToken"]}),
-        401,
-        "invalid_token",
-    )
-    # An access token used to refresh is spent as well, for refreshing and for calls.
     access = second.json()["token"]
     assert client.post("/token_refresh", json={"token": access}).status_code == 200
-    assert_error(client.post("/token_refresh", json={"token": access}), 401, "invalid_token")
     assert_error(client.get("/me", headers=bearer(access)), 401, "invalid_token")
+    assert_error(client.post("/token_refresh", json={"token": access}), 401, "invalid_token")
 
     # The cookie flow rotates the same way.
     ui = client.post("/ui/login", json={"email": a["email"], "password": PASSWORD})
@@ -195,10 +197,11 @@ def test_logout_revokes_tokens(client: httpx.Client) -> None:
     out = client.post("/logout", json={"refreshToken": refresh}, headers=bearer(token))
     assert out.status_code == 200 and out.json() == "logged out"
     assert_error(client.get("/me", headers=bearer(token)), 401, "invalid_token")
-    assert_error(client.post("/token_refresh", json={"token": refresh}), 401, "invalid_token")
+    refused = client.post("/token_refresh", json={"token": refresh})
+    assert "logged out" in assert_error(refused, 401, "invalid_token")["error"]["message"]
     assert_error(client.post("/token_refresh", json={"token": token}), 401, "invalid_token")
     assert client.post("/logout", headers=bearer(token)).status_code == 200  # idempotent
-    # Other sessions of the user go on.
+    # Other sessions of the user go on: a logged-out token is no sign of theft.
     assert client.get("/me", headers=bearer(a["token"])).status_code == 200
 
     # /ui/logout revokes what the cookies held, not only the cookies.

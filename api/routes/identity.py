@@ -361,44 +361,65 @@ def _refresh_claims(state: AppState, token: str) -> tuple[TokenClaims, datetime]
             raise APIError(401, "invalid_token", str(first), param="token") from first
 
 
-def _revoke(session: Session, claims: TokenClaims, until: datetime) -> bool:
-    """Refuses the token from now on (until `until`, when it would be refused anyway);
-    False if it already was. Commits."""
+# Why a token id is in revoked_token.
+_REFRESHED, _LOGGED_OUT = "refreshed", "logout"
+
+
+def _revoke(session: Session, claims: TokenClaims, until: datetime, reason: str) -> str | None:
+    """Refuses the token from now on (until `until`, when it would be refused anyway), and
+    commits. None if this call revoked it, else why it already was."""
     # Rows of tokens that can no longer be used are dead weight: pruned on every write.
     session.exec(delete(RevokedTokenRow).where(col(RevokedTokenRow.expires_at) < utcnow()))
-    if session.get(RevokedTokenRow, claims.jti) is not None:
+    earlier = session.get(RevokedTokenRow, claims.jti)
+    if earlier is not None:
         session.commit()
-        return False
+        return earlier.reason
     session.add(
         RevokedTokenRow(
-            jti=claims.jti, tenant_id=claims.tenant_id, user_id=claims.user_id, expires_at=until
+            jti=claims.jti,
+            tenant_id=claims.tenant_id,
+            user_id=claims.user_id,
+            reason=reason,
+            expires_at=until,
         )
     )
     try:
         session.commit()
-    except IntegrityError:  # the same token presented twice at once: one of them wins
+    except IntegrityError:  # the same token presented twice at once: the other one won
         session.rollback()
-        return False
-    return True
+        return _REFRESHED
+    return None
 
 
 def _refresh(state: AppState, token: str) -> dict[str, Any]:
     claims, until = _refresh_claims(state, token)
     with state.db.session() as session:
         user, _ = live_session(session, claims)
+        earlier = _revoke(session, claims, until, _REFRESHED)
+        if earlier == _LOGGED_OUT:
+            raise APIError(401, "invalid_token", "this token was logged out", param="token")
         # Rotation: each token refreshes once, so a stolen one is noticed when either the
-        # thief or the user presents it second.
-        if not _revoke(session, claims, until):
+        # thief or the user presents it second. Which of them did is unknowable, so every
+        # session of the user ends (OAuth 2.0 Security BCP, refresh token reuse).
+        if earlier is not None:
+            user.token_version += 1
+            user.updated_at = utcnow()
+            session.add(user)
+            session.commit()
             raise APIError(
-                401, "invalid_token", "this refresh token was already used", param="token"
+                401,
+                "invalid_token",
+                "this refresh token was already used; every session of this user has ended, "
+                "log in again",
+                param="token",
             )
         return _tokens(state, user, claims.tenant_id)
 
 
-def _revoke_tokens(state: AppState, *tokens: tuple[TokenClaims, datetime]) -> None:
+def _logout(state: AppState, *tokens: tuple[TokenClaims, datetime]) -> None:
     with state.db.session() as session:
         for claims, until in tokens:
-            _revoke(session, claims, until)
+            _revoke(session, claims, until, _LOGGED_OUT)
 
 
 async def _limit_email(request: Request, state: AppState, email: str) -> None:
@@ -494,7 +515,7 @@ def ui_logout(request: Request, state: StateDep, response: Response) -> str:
             revoked.append((claims, claims.expires_at))
         except TokenError:
             pass
-    _revoke_tokens(state, *revoked)
+    _logout(state, *revoked)
     _clear_cookies(response, state)
     return "logged out"
 
@@ -534,7 +555,7 @@ def logout(request: Request, state: StateDep, body: LogoutIn | None = None) -> s
                 param="refreshToken",
             )
         tokens.append((refresh, refresh.expires_at))
-    _revoke_tokens(state, *tokens)
+    _logout(state, *tokens)
     return "logged out"
 
 

@@ -105,6 +105,7 @@ def upgrade() -> None:
     sa.Column('jti', sa.String(length=64), nullable=False),
     sa.Column('tenant_id', sa.String(length=64), nullable=False),
     sa.Column('user_id', sa.String(length=64), nullable=False),
+    sa.Column('reason', sa.String(length=16), nullable=False),
     sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('jti')
     )
