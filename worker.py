@@ -14,9 +14,9 @@ from activities.functions import FunctionActivities
 from activities.hooks import HookActivities
 from activities.llm import LLMActivities, all_activities
 from activities.sync import SyncActivities
+from core.backends.providers import ProviderClients
 from core.config import Settings, get_settings
 from core.db import Database
-from core.providers import ProviderClients
 from core.schedules import ensure_state_sync
 from core.secrets import SecretBox
 from core.temporal import connect, ensure_search_attributes
@@ -34,6 +34,7 @@ WORKFLOWS = [ChainWorkflow, StateSyncWorkflow, ModelDownloadWorkflow, FunctionWo
 PASSTHROUGH = (
     "chains",
     "workflows.types",
+    "workflows.contracts",
     "workflows.download_types",
     "pydantic",
     "pydantic_core",
@@ -69,6 +70,9 @@ def build_worker(
         delete_undeclared=settings.sync_delete_undeclared,
         secrets=secrets,
     )
+    hooks = HookActivities(db, secrets, settings)
+    functions = FunctionActivities(db, settings, llm=llm, hooks=hooks)
+    hooks.run_js = functions.run
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,
@@ -77,10 +81,8 @@ def build_worker(
             *all_activities(llm),
             sync.sync_backends,
             DownloadActivities(db).pull,
-            *HookActivities(db, secrets, settings).activities(),
-            *FunctionActivities(
-                db, settings, llm=llm, task_queue=task_queue or settings.task_queue
-            ).activities(),
+            *hooks.activities(),
+            *functions.activities(),
         ],
         # Heartbeats reach the server at most this often (the SDK's default is 0.8 x the
         # heartbeat timeout, 4 s for a pull): model-pull progress is read from them.

@@ -16,11 +16,12 @@ import ollama
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from core.backends import to_ref
+from core.backends.providers import ProviderError, classify
+from core.backends.refs import to_ref
 from core.db import Database
 from core.models import BackendRow
-from core.providers import ProviderError, classify
-from workflows.download_types import PULL_FAILED, PullInput, PullResult, progress_details
+from workflows.contracts import OLLAMA_PULL, PULL_FAILED
+from workflows.download_types import PullInput, PullResult, progress_details
 
 # How often progress is reported even when Ollama says nothing (e.g. while verifying a large
 # blob), so a cancel request is picked up and a live worker is never taken for dead.
@@ -56,7 +57,7 @@ class DownloadActivities:
             )
         return row
 
-    @activity.defn(name="ollama_pull")
+    @activity.defn(name=OLLAMA_PULL)
     async def pull(self, req: PullInput) -> PullResult:
         info = activity.info()
         # Looked up at run time: a backend's address (and any secret) never enters history.

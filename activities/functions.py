@@ -1,6 +1,6 @@
 """The `js_run` activity: run a stored JS function, serving its builtins from the worker.
 
-The JavaScript itself runs in a host process (core/jsrunner.py); this module loads the
+The JavaScript itself runs in a host process (core/sandbox/pool.py); this module loads the
 function's script, answers the builtins the script calls (they need the database, the Temporal
 client, routing and secrets, none of which reaches the host) and maps failures onto Temporal:
 a script that does not parse, throws, runs out of time or memory, or names an unknown
@@ -19,33 +19,37 @@ import http
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any
 
-from sqlalchemy.exc import IntegrityError
 from temporalio import activity
 from temporalio.client import Client, WorkflowFailureError
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.exceptions import ApplicationError, FailureError, WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError
 
+from activities.hooks import HookActivities
+from activities.llm import LLMActivities
 from core import outbound
 from core.config import Settings
 from core.db import Database
-from core.events import EventError, append_and_dispatch
-from core.jsrunner import JSError, JSRunner, runner_for
-from core.models import FunctionRow, RunRow, TaskChainRow
-from workflows.search import CHAIN_ID, RUN_KIND, TENANT_ID
+from core.events.dispatch import append_and_dispatch
+from core.events.store import EventError
+from core.models import FunctionRow, TaskChainRow
+from core.runs import start_chain_run
+from core.sandbox.pool import JSError, JSRunner, runner_for
+from workflows.contracts import (
+    JS_HOST_CRASHED,
+    JS_RUN,
+    PERMANENT_TOOL_ERROR,
+    chain_workflow_id,
+    failure_message,
+)
 from workflows.types import (
-    ChainRunInput,
     FunctionRunInput,
     FunctionRunResult,
     LLMRequest,
     ModelChoice,
-    RunOptions,
     ToolCallRequest,
 )
 
-PERMANENT = "PermanentToolError"
-HOST_CRASHED = "JSHostCrashed"
 # httpFetch: a single exchange may take at most this long and return at most this much.
 HTTP_TIMEOUT = 30.0
 HTTP_MAX_BYTES = 5 * 1024 * 1024
@@ -53,36 +57,30 @@ HTTP_MAX_BYTES = 5 * 1024 * 1024
 # activity, so a retried activity finds what its first attempt created.
 _IDS = uuid.UUID("5f0e6c1e-2b8a-4b7e-9d43-7a1c0f3e8b21")
 
-# The FunctionActivities of each worker, by task queue: `run_function(request)` (the js hook)
-# finds the worker it runs in through its activity's task queue.
-_BY_QUEUE: dict[str, "FunctionActivities"] = {}
-
 
 class FunctionActivities:
-    """`js_run`, plus what its builtins need: routing for executeTask, hooks for executeHook."""
+    """`js_run`, plus what its builtins need, injected by worker.py: routing for executeTask
+    (the LLM activities) and tool calls for executeHook (the hook activities)."""
 
     def __init__(
         self,
         db: Database,
         settings: Settings,
         *,
-        llm: Any = None,
-        hooks: Any = None,
+        llm: LLMActivities,
+        hooks: HookActivities,
         runner: JSRunner | None = None,
-        task_queue: str | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
-        self._llm = llm
-        self._hooks = hooks
+        self.llm = llm
+        self.hooks = hooks
         self._runner = runner
-        if task_queue:
-            _BY_QUEUE[task_queue] = self
 
     def activities(self) -> list[Callable[..., Any]]:
         return [self.js_run]
 
-    @activity.defn(name="js_run")
+    @activity.defn(name=JS_RUN)
     async def js_run(self, req: FunctionRunInput) -> FunctionRunResult:
         return await self.run(req)
 
@@ -91,40 +89,12 @@ class FunctionActivities:
             return self._runner
         return runner_for(self.settings)
 
-    def llm(self) -> Any:
-        if self._llm is None:
-            from activities.llm import LLMActivities
-            from core.providers import ProviderClients
-            from core.secrets import SecretBox
-
-            s = self.settings
-            self._llm = LLMActivities(
-                self.db,
-                ProviderClients(timeout=s.llm_timeout),
-                secrets=SecretBox.from_settings(s),
-                default_model=s.default_model,
-                models_ttl=s.backend_models_ttl,
-                groups_enabled=s.groups_enabled,
-                down_seconds=s.backend_down_seconds,
-            )
-        return self._llm
-
-    def hooks(self) -> Any:
-        if self._hooks is None:
-            from activities.hooks import HookActivities
-            from core.secrets import SecretBox
-
-            self._hooks = HookActivities(
-                self.db, SecretBox.from_settings(self.settings), self.settings
-            )
-        return self._hooks
-
     async def run(self, req: FunctionRunInput, client: Client | None = None) -> FunctionRunResult:
         script = await asyncio.to_thread(_load_script, self.db, req.tenant_id, req.function)
         if script is None:
             raise ApplicationError(
                 f"unknown JS function {req.function!r}: create it with POST /functions",
-                type=PERMANENT,
+                type=PERMANENT_TOOL_ERROR,
                 non_retryable=True,
             )
         in_activity = activity.in_activity()
@@ -142,9 +112,9 @@ class FunctionActivities:
             details = {"kind": err.kind, "logs": err.logs}
             if err.permanent:
                 raise ApplicationError(
-                    message, details, type=PERMANENT, non_retryable=True
+                    message, details, type=PERMANENT_TOOL_ERROR, non_retryable=True
                 ) from err
-            raise ApplicationError(message, details, type=HOST_CRASHED) from err
+            raise ApplicationError(message, details, type=JS_HOST_CRASHED) from err
         return FunctionRunResult(result.value, result.logs, builtins.events)
 
 
@@ -152,72 +122,6 @@ def _load_script(db: Database, tenant_id: str, name: str) -> str | None:
     with db.session() as session:
         row = session.get(FunctionRow, (tenant_id, name))
         return row.script if row is not None else None
-
-
-@overload
-async def run_function(db: FunctionRunInput, /) -> FunctionRunResult: ...
-
-
-@overload
-async def run_function(
-    db: Database,
-    settings: Settings,
-    tenant_id: str,
-    name: str,
-    input: Any = None,
-    *,
-    depth: int = 0,
-    workflow_id: str = "",
-    trigger: str = "",
-    client: Client | None = None,
-) -> FunctionRunResult: ...
-
-
-async def run_function(
-    db: Database | FunctionRunInput,
-    settings: Settings | None = None,
-    tenant_id: str = "",
-    name: str = "",
-    input: Any = None,
-    *,
-    depth: int = 0,
-    workflow_id: str = "",
-    trigger: str = "",
-    client: Client | None = None,
-) -> FunctionRunResult:
-    """Run the stored function `name` of `tenant_id` on `input` (for the `js` local hook).
-
-    Either with the database and settings, or with a FunctionRunInput alone from inside an
-    activity of a worker that registered FunctionActivities (its task queue finds it).
-    Failures raise ApplicationError, PermanentToolError when a retry cannot help.
-    """
-    if isinstance(db, FunctionRunInput):
-        queue = activity.info().task_queue if activity.in_activity() else ""
-        functions = _BY_QUEUE.get(queue)
-        if functions is None:
-            raise ApplicationError(
-                "JS functions are not set up in this worker (no FunctionActivities)",
-                type=PERMANENT,
-                non_retryable=True,
-            )
-        return await functions.run(db, client)
-    if settings is None:
-        raise TypeError("run_function needs settings with a database")
-    queue = activity.info().task_queue if activity.in_activity() else settings.task_queue
-    registered = _BY_QUEUE.get(queue)
-    if registered is not None and registered.db is db:
-        functions = registered
-    else:
-        functions = FunctionActivities(db, settings)
-    request = FunctionRunInput(
-        tenant_id=tenant_id,
-        function=name,
-        input=input,
-        depth=depth,
-        trigger=trigger,
-        workflow_id=workflow_id,
-    )
-    return await functions.run(request, client)
 
 
 class BuiltinError(Exception):
@@ -383,7 +287,7 @@ class Builtins:
             choice=ModelChoice(model=model, provider=provider),
             messages=[{"role": "user", "content": prompt}],
         )
-        result = await self.functions.llm().chat(request)
+        result = await self.functions.llm.chat(request)
         return {
             "success": True,
             "task_id": self._stable_id("task"),
@@ -408,38 +312,20 @@ class Builtins:
         except ChainError as err:
             raise BuiltinError(f"task chain {chain_id!r} is not valid: {err}") from err
         client = await self._temporal()
-        settings = functions.settings
-        workflow_id = f"chain-{chain.id}-{self._stable_id('chain')}"
-        params = ChainRunInput(
-            chain=chain.model_dump(mode="json"),
-            input=chain_input,
+        run, handle = await start_chain_run(
+            functions.db,
+            client,
+            functions.settings,
+            req.tenant_id,
+            chain,
+            chain_input,
             input_type="string" if isinstance(chain_input, str) else "json",
-            tenant_id=req.tenant_id,
-            options=RunOptions(
-                llm_max_attempts=settings.llm_max_attempts,
-                llm_timeout=settings.llm_timeout,
-                llm_heartbeat_timeout=settings.llm_heartbeat_timeout,
-            ),
+            # Derived from this activity: a retried attempt finds the run its first one started.
+            workflow_id=chain_workflow_id(chain.id, self._stable_id("chain")),
+            summary=f"chain {chain.id} (from JS function {req.function})",
+            existing_ok=True,
         )
-        try:
-            handle = await client.start_workflow(
-                "ChainWorkflow",
-                params,
-                id=workflow_id,
-                task_queue=settings.task_queue,
-                search_attributes=TypedSearchAttributes(
-                    [
-                        SearchAttributePair(CHAIN_ID, chain.id),
-                        SearchAttributePair(TENANT_ID, req.tenant_id),
-                        SearchAttributePair(RUN_KIND, "chain"),
-                    ]
-                ),
-                static_summary=f"chain {chain.id} (from JS function {req.function})",
-            )
-        except WorkflowAlreadyStartedError:
-            # A retried activity: wait for the run its first attempt started.
-            handle = client.get_workflow_handle(workflow_id)
-        await asyncio.to_thread(_record_run, functions.db, req.tenant_id, workflow_id, chain.id)
+        workflow_id = run.workflow_id
         try:
             result = await asyncio.wait_for(handle.result(), max(left, 0.001))
         except TimeoutError as err:
@@ -448,7 +334,7 @@ class Builtins:
                 f"as workflow {workflow_id}"
             ) from err
         except WorkflowFailureError as err:
-            raise BuiltinError(f"chain {chain.id!r} failed: {_failure(err)}") from err
+            raise BuiltinError(f"chain {chain.id!r} failed: {failure_message(err)}") from err
         return {
             "success": True,
             "chain_id": chain.id,
@@ -480,7 +366,7 @@ class Builtins:
             args=call_args,
             idempotency_key=self._stable_id("hook"),
         )
-        result = await self.functions.hooks().call(request)
+        result = await self.functions.hooks.call(request)
         return {
             "success": True,
             "hook_name": hook,
@@ -501,24 +387,3 @@ def _load_chain(db: Database, tenant_id: str, chain_id: str) -> dict[str, Any] |
     with db.session() as session:
         row = session.get(TaskChainRow, (tenant_id, chain_id))
         return dict(row.definition) if row is not None else None
-
-
-def _record_run(db: Database, tenant_id: str, workflow_id: str, chain_id: str) -> None:
-    """List the chain run like one started through the API (GET /tasks/{id})."""
-    with db.session() as session:
-        session.add(RunRow(tenant_id=tenant_id, workflow_id=workflow_id, chain_id=chain_id))
-        try:
-            session.commit()
-        except IntegrityError:
-            session.rollback()  # recorded by an earlier attempt
-
-
-def _failure(err: WorkflowFailureError) -> str:
-    cause: BaseException | None = err.cause
-    while isinstance(cause, FailureError) and not isinstance(cause, ApplicationError):
-        if cause.cause is None:
-            break
-        cause = cause.cause
-    if cause is None:
-        return str(err)
-    return getattr(cause, "message", None) or str(cause)

@@ -13,6 +13,7 @@ task at once (PermanentToolError); 408/429/5xx and network trouble are retried b
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, NoReturn
 
@@ -22,41 +23,43 @@ from temporalio.exceptions import ApplicationError
 from core import outbound
 from core.config import Settings
 from core.db import Database
-from core.hooks import (
+from core.hooks.openapi import (
+    Hidden,
+    Operation,
+    SchemaCache,
+    SchemaError,
+    base_url,
+    build_call,
+    operations,
+)
+from core.hooks.store import (
     ANY_OBJECT,
     LOCAL_TOOLS,
     MAX_RESPONSE_BYTES,
-    Hidden,
-    Operation,
     RemoteHook,
-    SchemaCache,
-    SchemaError,
     ToolArgumentError,
-    base_url,
-    build_call,
     function_tools,
     load_remote_hook,
-    operations,
     scrub,
 )
 from core.secrets import SecretBox
+from workflows.contracts import HOOK_CALL, HOOK_TOOLS, PERMANENT_TOOL_ERROR, TOOL_UNAVAILABLE
 from workflows.types import (
     FunctionRunInput,
+    FunctionRunResult,
     ToolCallRequest,
     ToolCallResult,
     ToolSpec,
     ToolsRequest,
 )
 
-PERMANENT = "PermanentToolError"
-UNAVAILABLE = "ToolUnavailable"
 WEBHOOK_TIMEOUT = 30.0
 # A Retry-After longer than this is not waited for: the normal backoff takes over.
 MAX_RETRY_AFTER = 300
 
 
 def permanent(message: str) -> NoReturn:
-    raise ApplicationError(message, type=PERMANENT, non_retryable=True)
+    raise ApplicationError(message, type=PERMANENT_TOOL_ERROR, non_retryable=True)
 
 
 def hidden_tool(name: str, hide: set[str]) -> bool:
@@ -77,13 +80,15 @@ class HookActivities:
         self._secrets = secrets
         self._allowlist = settings.outbound_allowlist
         self._cache = cache or SchemaCache(settings.hook_schema_ttl)
+        # Set by worker.py to FunctionActivities.run (which itself calls hooks, hence no import).
+        self.run_js: Callable[[FunctionRunInput], Awaitable[FunctionRunResult]] | None = None
 
     def activities(self) -> list[Any]:
         return [self.tools, self.call]
 
     # ------------------------------------------------------------------ tools
 
-    @activity.defn(name="hook_tools")
+    @activity.defn(name=HOOK_TOOLS)
     async def tools(self, req: ToolsRequest) -> list[ToolSpec]:
         hide = set(req.hide_tools)
         specs: list[ToolSpec] = []
@@ -112,7 +117,7 @@ class HookActivities:
 
     # ------------------------------------------------------------------ calls
 
-    @activity.defn(name="hook_call")
+    @activity.defn(name=HOOK_CALL)
     async def call(self, req: ToolCallRequest) -> ToolCallResult:
         if req.hook == "echo":
             return ToolCallResult(req.args)
@@ -121,6 +126,7 @@ class HookActivities:
         if req.hook == "webhook":
             return await self._webhook(req)
         if req.hook == "js":
+            # Runs started before js.* calls went straight to js_run may still ask here.
             return await self._js(req)
         hook = await self._hook(req.tenant_id, req.hook)
         doc, fresh = await self._document(hook)
@@ -182,13 +188,12 @@ class HookActivities:
         return ToolCallResult(_output(resp, []), resp.status)
 
     async def _js(self, req: ToolCallRequest) -> ToolCallResult:
-        # Imported here: activities.functions itself uses this module for executeHook.
-        from activities.functions import run_function
-
         function = req.tool or str(req.args.get("function") or "")
         if not function:
             permanent("the js hook needs a function name: tool_name, or a `function` argument")
-        result = await run_function(
+        if self.run_js is None:
+            permanent("JS functions are not set up in this worker")
+        result = await self.run_js(
             FunctionRunInput(
                 tenant_id=req.tenant_id,
                 function=function,
@@ -222,7 +227,7 @@ class HookActivities:
         except SchemaError as err:
             message = scrub(err.message, hook.secret_values())
             if err.transient:
-                raise ApplicationError(message, type=UNAVAILABLE) from err
+                raise ApplicationError(message, type=TOOL_UNAVAILABLE) from err
             permanent(message)
 
     async def _send(
@@ -255,7 +260,7 @@ class HookActivities:
         except outbound.OutboundError as err:
             message = scrub(f"{label}: {err}", secrets)
             if err.transient:
-                raise ApplicationError(message, type=UNAVAILABLE) from err
+                raise ApplicationError(message, type=TOOL_UNAVAILABLE) from err
             permanent(message)
         if resp.status < 400:
             return resp
@@ -267,10 +272,12 @@ class HookActivities:
             raise ApplicationError(
                 message,
                 {"status": resp.status},
-                type=UNAVAILABLE,
+                type=TOOL_UNAVAILABLE,
                 next_retry_delay=_retry_after(resp),
             )
-        raise ApplicationError(message, {"status": resp.status}, type=PERMANENT, non_retryable=True)
+        raise ApplicationError(
+            message, {"status": resp.status}, type=PERMANENT_TOOL_ERROR, non_retryable=True
+        )
 
 
 def _retry_after(resp: outbound.OutboundResponse) -> timedelta | None:

@@ -19,17 +19,22 @@ from typing import Any, TypeVar
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from core.backends import backend_refs
+from core.backends.health import Health, group_pairs, load_health, mark_down, mark_up
+from core.backends.providers import BackendRef, ProviderClients, ProviderError, same_model
+from core.backends.refs import backend_refs
 from core.db import Database
-from core.health import Health, group_pairs, load_health, mark_down, mark_up
+from core.metering.usage import Quota, record_tokens, token_quota
 from core.models import utcnow
-from core.providers import BackendRef, ProviderClients, ProviderError, same_model
 from core.secrets import SecretBox
-from core.usage import Quota, record_tokens, token_quota
+from workflows.contracts import (
+    BACKEND_UNAVAILABLE,
+    LLM_CHAT,
+    LLM_EMBED,
+    PERMANENT_LLM_ERROR,
+    QUOTA_EXCEEDED,
+)
 from workflows.types import EmbedRequest, EmbedResult, LLMRequest, LLMResult, ModelChoice
 
-PERMANENT = "PermanentLLMError"
-QUOTA = "QuotaExceeded"
 T = TypeVar("T")
 
 
@@ -96,11 +101,11 @@ class LLMActivities:
             raise ApplicationError(
                 f"monthly token quota of {quota.limit} is used up ({quota.used} used); "
                 "it resets at the start of next month (UTC)",
-                type=QUOTA,
+                type=QUOTA_EXCEEDED,
                 non_retryable=True,
             )
 
-    @activity.defn(name="llm_chat")
+    @activity.defn(name=LLM_CHAT)
     async def chat(self, req: LLMRequest) -> LLMResult:
         _check_token_limit(req)
         await self._check_quota(req.tenant_id)
@@ -127,7 +132,7 @@ class LLMActivities:
         return result
 
     async def _count_tokens(self, tenant_id: str, tokens: int) -> None:
-        """Adds to the tenant's monthly token usage (core/usage.py); never fails the call."""
+        """Adds to the tenant's monthly token usage (core/metering); never fails the call."""
         if tokens <= 0:
             return
         try:
@@ -136,7 +141,7 @@ class LLMActivities:
             # The answer is already paid for; losing the count beats failing the chain.
             activity.logger.exception("could not record %d tokens for %s", tokens, tenant_id)
 
-    @activity.defn(name="llm_embed")
+    @activity.defn(name=LLM_EMBED)
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         await self._check_quota(req.tenant_id)
 
@@ -173,7 +178,7 @@ class LLMActivities:
         if not models:
             raise ApplicationError(
                 "the task names no model (execute_config.model) and no default model is set",
-                type=PERMANENT,
+                type=PERMANENT_LLM_ERROR,
                 non_retryable=True,
             )
         if fresh:
@@ -232,14 +237,14 @@ class LLMActivities:
                 # The model may live on a backend that is down right now: worth retrying.
                 raise ApplicationError(
                     f"no reachable backend serves {wanted}: " + "; ".join(unreachable),
-                    type="BackendUnavailable",
+                    type=BACKEND_UNAVAILABLE,
                 )
             scope = " in a shared affinity group" if self._groups_enabled else ""
             providers = sorted({choice.provider, *choice.providers} - {""})
             restrict = f" of type {', '.join(providers)}" if providers else ""
             raise ApplicationError(
                 f"no backend{restrict} serves model {wanted}{scope}",
-                type=PERMANENT,
+                type=PERMANENT_LLM_ERROR,
                 non_retryable=True,
             )
         view = self._views.get(tenant_id)
@@ -251,7 +256,9 @@ class LLMActivities:
                 result = await call(backend, candidate.model)
             except ProviderError as err:
                 if not err.transient:
-                    raise ApplicationError(str(err), type=PERMANENT, non_retryable=True) from err
+                    raise ApplicationError(
+                        str(err), type=PERMANENT_LLM_ERROR, non_retryable=True
+                    ) from err
                 errors.append(str(err))
                 failed.append(backend.name)
                 health = await self._mark_down(tenant_id, backend, str(err))
@@ -263,7 +270,7 @@ class LLMActivities:
                 if view is not None:
                     view.health[backend.id] = Health()
             return result, failed
-        raise ApplicationError("; ".join(errors), type="BackendUnavailable")
+        raise ApplicationError("; ".join(errors), type=BACKEND_UNAVAILABLE)
 
 
 def _check_token_limit(req: LLMRequest) -> None:
@@ -276,7 +283,7 @@ def _check_token_limit(req: LLMRequest) -> None:
     if estimate > req.token_limit:
         raise ApplicationError(
             f"prompt of about {estimate} tokens exceeds the chain's token_limit {req.token_limit}",
-            type=PERMANENT,
+            type=PERMANENT_LLM_ERROR,
             non_retryable=True,
         )
 

@@ -6,13 +6,14 @@ from typing import Any
 from sqlmodel import col, select
 from temporalio import activity
 
-from core.backends import to_ref
+from core.backends.health import mark_down, mark_up
+from core.backends.keys import provider_api_keys
+from core.backends.providers import ProviderClients, ProviderError, same_model
+from core.backends.refs import to_ref
 from core.db import Database
-from core.health import mark_down, mark_up
 from core.models import BackendRow, ModelRow
-from core.provider_keys import provider_api_keys
-from core.providers import ProviderClients, ProviderError, same_model
 from core.secrets import SecretBox
+from workflows.contracts import SYNC_BACKENDS
 
 
 class SyncActivities:
@@ -49,7 +50,7 @@ class SyncActivities:
         }
         return backends, declared, keys
 
-    @activity.defn(name="sync_backends")
+    @activity.defn(name=SYNC_BACKENDS)
     async def sync_backends(self) -> dict[str, Any]:
         backends, declared, keys = await asyncio.to_thread(self._load)
         summary: dict[str, Any] = {
@@ -89,7 +90,7 @@ class SyncActivities:
         return summary
 
     async def _enqueue(self, row: BackendRow, model: str) -> None:
-        from core.downloads import enqueue_download
+        from core.backends.downloads import enqueue_download
 
         try:
             client = activity.client()

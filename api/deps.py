@@ -14,7 +14,17 @@ from sqlmodel import Session, col, select
 from temporalio.client import Client
 
 from api.errors import APIError, not_found
-from core.access import (
+from core.config import Settings
+from core.db import Database
+from core.identity.credentials import (
+    TokenClaims,
+    TokenError,
+    Tokens,
+    digest_matches,
+    key_prefix,
+    looks_like_jwt,
+)
+from core.identity.permissions import (
     RANK,
     RESOURCE_TYPES,
     ROLES,
@@ -25,16 +35,8 @@ from core.access import (
     required_level,
     scope_level,
 )
-from core.config import Settings
-from core.db import Database
-from core.identity import (
-    TokenClaims,
-    TokenError,
-    Tokens,
-    digest_matches,
-    key_prefix,
-    looks_like_jwt,
-)
+from core.metering.ratelimit import RateLimiter, Verdict
+from core.metering.usage import Snapshot, UsageMeter, period_reset
 from core.models import (
     AccessEntryRow,
     ApiKeyRow,
@@ -44,9 +46,7 @@ from core.models import (
     as_utc,
     utcnow,
 )
-from core.ratelimit import RateLimiter, Verdict
 from core.temporal import connect, ensure_search_attributes
-from core.usage import Snapshot, UsageMeter, period_reset
 
 T = TypeVar("T")
 
@@ -325,7 +325,7 @@ async def require_auth(
     """Authenticates, rate-limits, meters and authorizes one request (the only such check).
 
     Every secured route depends on this; the route's path says which resource type it acts
-    on and its method which level it needs (core/access.py).
+    on and its method which level it needs (core/identity/permissions.py).
     """
     kind, ident = route_resource(request)
     needed = required_level(kind, request.method)

@@ -14,12 +14,13 @@ from api.routes import (
     activity,
     affinity,
     apikeys,
+    auth,
     backends,
     events,
     functions,
     groups,
     hooks,
-    identity,
+    me,
     models,
     ops,
     providers,
@@ -29,16 +30,17 @@ from api.routes import (
     taskchains,
     tenants,
     triggers,
+    users,
 )
 from api.routes import usage as usage_routes
 from core.config import Settings, get_settings
 from core.db import Database
-from core.events import wait_for_background_dispatches
-from core.identity import Tokens
-from core.ratelimit import RateLimiter
-from core.request_log import RequestLog
+from core.events.dispatch import wait_for_background_dispatches
+from core.identity.credentials import Tokens
+from core.metering.ratelimit import RateLimiter
+from core.metering.request_log import RequestLog
+from core.metering.usage import UsageMeter
 from core.secrets import SecretBox
-from core.usage import UsageMeter
 
 API_DESCRIPTION = (
     "Durable LLM task chains on Temporal. Follows the contenox runtime API (seed 003): "
@@ -82,7 +84,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     )
     errors.install(app)
     app.add_middleware(RequestContext)
-    for module in (ops, identity):
+    for module in (ops, auth):
         app.include_router(module.public_router)
     secured = [Depends(require_auth)]
     for module in (
@@ -99,7 +101,8 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         triggers,
         hooks,
         functions,
-        identity,
+        me,
+        users,
         apikeys,
         tenants,
         access,

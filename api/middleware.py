@@ -2,7 +2,7 @@
 
 Dependencies put headers in scope["chainloom.headers"] (rate limits, usage); they are added
 to whatever response goes out, errors and 429s included. Authenticated requests are written
-to the request log (core/request_log.py) when their response starts: changes before it is
+to the request log (core/metering/request_log.py) when their response starts: changes before it is
 sent, so an answered change is always in the audit log.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from api.errors import error_body
-from core import request_log
+from core.metering import request_log
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

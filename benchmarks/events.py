@@ -6,7 +6,7 @@ end (nothing is written to the repository):
 1. Load N events (default 1,000,000) with COPY: 50 event types with Zipf-like frequencies,
    20 sources, 100k aggregates over 10 aggregate types, created_at spread over 30 days,
    10% of the rows in a second tenant. Then VACUUM ANALYZE.
-2. Time every query the API runs (the same ``core.events`` functions the routes call, so the
+2. Time every query the API runs (the same ``core.events.store`` functions the routes call, so the
    figures include SQLAlchemy and JSON shaping): median and p90 of R rounds after 2 warm-up
    rounds, and ``EXPLAIN (ANALYZE, BUFFERS)`` of the exact SQL, to show which index serves it.
 3. Append throughput into the 1M-row table: sequential, 4 threads of one tenant (appends of
@@ -48,10 +48,9 @@ from sqlalchemy.engine import Engine
 from core.config import Settings
 from core.db import Database
 from core.devserver import free_port, start_dev_server, stop_process
-from core.events import (
+from core.events.dispatch import append_and_dispatch, wait_for_background_dispatches
+from core.events.queries import (
     EventQuery,
-    append_and_dispatch,
-    append_event,
     delete_events_by_type,
     delete_statement,
     event_types,
@@ -62,8 +61,8 @@ from core.events import (
     events_by_source,
     events_by_type,
     latest_nid,
-    wait_for_background_dispatches,
 )
+from core.events.store import append_event
 from core.models import EventRow, EventTriggerRow, FunctionRow
 from core.temporal import connect, ensure_search_attributes
 from workflows.types import FunctionRunInput
@@ -405,7 +404,7 @@ async def bench_triggers(url: str, temporal_address: str, rounds: int) -> dict[s
     burst_seconds = time.perf_counter() - began
 
     # Leave nothing running on a shared server.
-    from core.triggers import trigger_workflow_id
+    from core.events.triggers import trigger_workflow_id
 
     with db.session() as session:
         from sqlmodel import col, select

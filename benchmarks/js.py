@@ -1,6 +1,6 @@
 """JS function call latency: cold and warm isolates, sequential calls.
 
-Every call runs in a fresh V8 isolate inside a host process (core/jsrunner.py). What varies is
+Every call runs in a fresh V8 isolate inside a host process (core/sandbox/pool.py). What varies is
 whether that isolate was made ahead of time:
 
 - host start: spawning a host process until it answers (Python, mini-racer, V8, 1st isolate).
@@ -8,8 +8,8 @@ whether that isolate was made ahead of time:
 - warm isolate: the isolate was made while the host was idle (the default); measured both
   back to back (each call right after the previous one, so hosts prepare isolates while the
   other host serves) and spaced (a pause between calls, as under light traffic).
-- stored function: ``run_function`` as the ``js_run`` activity does it, the script read from
-  a SQLite database on every call.
+- stored function: ``FunctionActivities.run`` as the ``js_run`` activity does it, the script
+  read from a SQLite database on every call.
 
 The target from the issue: 100 sequential calls to a tiny function take at most 5 ms each at
 the median (``warm, back to back``).
@@ -32,8 +32,8 @@ from typing import Any
 
 from core.config import Settings
 from core.db import Database
-from core.jsrunner import JSRunner
 from core.models import FunctionRow
+from core.sandbox.pool import JSRunner
 
 TINY = "function main(input) { return {n: input.n + 1}; }"
 CALLS = 100
@@ -94,8 +94,13 @@ async def measure(calls: int = CALLS) -> dict[str, Any]:
 
 
 async def _stored(calls: int) -> list[float]:
-    from activities.functions import run_function
-    from core.jsrunner import runner_for
+    from activities.functions import FunctionActivities
+    from activities.hooks import HookActivities
+    from activities.llm import LLMActivities
+    from core.backends.providers import ProviderClients
+    from core.sandbox.pool import runner_for
+    from core.secrets import SecretBox
+    from workflows.types import FunctionRunInput
 
     with tempfile.TemporaryDirectory(prefix="chainloom-js-bench-") as tmp:
         url = f"sqlite:///{Path(tmp) / 'bench.db'}"
@@ -105,10 +110,17 @@ async def _stored(calls: int) -> list[float]:
             session.add(FunctionRow(tenant_id="bench", name="tiny", script=TINY))
             session.commit()
         settings = Settings(DATABASE_URL=url, CHAINLOOM_DATA_DIR=tmp)
+        box = SecretBox.from_settings(settings)
+        functions = FunctionActivities(
+            db,
+            settings,
+            llm=LLMActivities(db, ProviderClients(), secrets=box),
+            hooks=HookActivities(db, box, settings),
+        )
         samples = []
         for i in range(calls + 5):
             started = time.perf_counter()
-            out = await run_function(db, settings, "bench", "tiny", {"n": i})
+            out = await functions.run(FunctionRunInput("bench", "tiny", {"n": i}))
             if i >= 5:
                 samples.append(time.perf_counter() - started)
             assert out.result == {"n": i + 1}
@@ -123,7 +135,7 @@ def table(figures: dict[str, Any]) -> str:
         ("cold isolate (made in the call)", "cold_isolate"),
         ("warm isolate, back to back", "warm_back_to_back"),
         ("warm isolate, spaced 20 ms", "warm_spaced"),
-        ("stored function (run_function, SQLite)", "stored_function"),
+        ("stored function (js_run without Temporal, SQLite)", "stored_function"),
     ]
     lines = [
         "| JS call | calls | median | p95 | mean |",

@@ -61,16 +61,6 @@ HANDLER_ALIASES = {
     "model_execution": "chat_completion",
 }
 
-OPERATORS = (
-    "equals",
-    "contains",
-    "starts_with",
-    "ends_with",
-    "gt",
-    "lt",
-    "in_range",
-    "default",
-)
 Operator = Literal[
     "equals", "contains", "starts_with", "ends_with", "gt", "lt", "in_range", "default"
 ]

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from workflows.search import ALL_KEYS
+from workflows.contracts import ALL_SEARCH_ATTRIBUTES
 
 # The dev server throttles to ~9 workflows/s unless these poll rates are raised.
 _DYNAMIC_CONFIG = {
@@ -66,7 +66,7 @@ def start_dev_server(
         args += ["--headless"]
     for key, value in _DYNAMIC_CONFIG.items():
         args += ["--dynamic-config-value", f"{key}={value}"]
-    for attr in ALL_KEYS:
+    for attr in ALL_SEARCH_ATTRIBUTES:
         args += ["--search-attribute", f"{attr.name}=Keyword"]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -2,7 +2,7 @@
 
 A user-supplied URL is a server-side request forgery risk: it can point at the worker's own
 loopback services, the cluster's private network or the cloud metadata endpoint. Every such
-request therefore goes through `fetch` (async) or `fetch_sync` (threads, subprocesses), which:
+request therefore goes through `fetch`, which:
 
 - resolves the host once and refuses loopback, private, link-local, shared (CGNAT), metadata,
   multicast and reserved addresses, IPv4-mapped/6to4/NAT64 forms of them, and numeric hosts
@@ -26,10 +26,7 @@ import json as _json
 import socket
 import ssl
 import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -552,7 +549,7 @@ async def fetch(
     json: Any = None,
     content: bytes | str | None = None,
     params: QueryParams = None,
-    # The same signature as fetch_sync; the deadline is enforced with asyncio.timeout inside.
+    # The deadline is enforced with asyncio.timeout inside.
     timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109
     max_bytes: int = DEFAULT_MAX_BYTES,
     allowlist: "str | Iterable[str] | Allowlist | None" = None,
@@ -667,123 +664,6 @@ async def _send_async(
             return await client.send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as err:
             last = err  # nothing was sent: the next checked address is safe to try
-        except httpx.HTTPError as err:
-            raise _network_error(target.logical(), err) from err
-    assert last is not None
-    raise _network_error(target.logical(), last)
-
-
-# --------------------------------------------------------------------------- sync API
-
-_dns_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="outbound-dns")
-
-
-def fetch_sync(
-    method: str,
-    url: str,
-    *,
-    headers: Mapping[str, str] | None = None,
-    json: Any = None,
-    content: bytes | str | None = None,
-    params: QueryParams = None,
-    timeout: float = DEFAULT_TIMEOUT,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    allowlist: "str | Iterable[str] | Allowlist | None" = None,
-    max_redirects: int = DEFAULT_MAX_REDIRECTS,
-) -> OutboundResponse:
-    """`fetch` for code that cannot await (the JS sandbox's httpFetch, worker threads).
-
-    Same arguments, policy and exceptions. Never call it on an event loop's thread.
-    """
-    allowed = Allowlist.parse(default_allowlist() if allowlist is None else allowlist)
-    method = method.upper()
-    current_headers, body = _request_parts(headers, json, content)
-    deadline = time.monotonic() + timeout
-    hops = max_redirects
-
-    def remaining() -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _timeout_error(url, timeout)
-        return left
-
-    with httpx.Client(**_client_kwargs(timeout)) as client:
-        while True:
-            target = _parse(url)
-            addresses = _resolve_sync(target, allowed, remaining())
-            response = _send_sync(
-                client, target, addresses, method, current_headers, body, params, remaining
-            )
-            try:
-                if response.status_code in _REDIRECTS and response.headers.get("location"):
-                    new_url, method, body = _next_hop(target, response, method, body, hops)
-                    current_headers = _drop_cross_origin(current_headers, target, new_url)
-                    url, params, hops = new_url, None, hops - 1
-                    continue
-                final = target.logical(response.request.url.raw_path.decode("ascii"))
-                _check_length(response, max_bytes, final)
-                chunks: list[bytes] = []
-                size = 0
-                try:
-                    for chunk in response.iter_bytes():
-                        remaining()  # a server dripping bytes must not outlast the deadline
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise _too_large(final, max_bytes)
-                        chunks.append(chunk)
-                except httpx.HTTPError as err:
-                    raise _network_error(final, err) from err
-                return OutboundResponse(
-                    response.status_code, _response_headers(response), b"".join(chunks), final
-                )
-            finally:
-                response.close()
-
-
-def _resolve_sync(target: _Target, allowlist: Allowlist, timeout: float) -> list[IPAddress]:
-    literal = _literal_or_none(target, allowlist)
-    if literal is not None:
-        return literal
-    # getaddrinfo has no timeout of its own: wait for it on a helper thread.
-    future = _dns_pool.submit(_getaddrinfo, target.host, target.port)
-    try:
-        resolved = future.result(timeout=timeout)
-    except FutureTimeout as err:
-        raise OutboundError(f"resolving {target.host} timed out", transient=True) from err
-    except OSError as err:
-        raise _dns_error(target.host, err) from err
-    return _select(target, resolved, allowlist)
-
-
-def _send_sync(
-    client: httpx.Client,
-    target: _Target,
-    addresses: list[IPAddress],
-    method: str,
-    headers: dict[str, str],
-    body: bytes | None,
-    params: QueryParams,
-    remaining: Callable[[], float],
-) -> httpx.Response:
-    last: Exception | None = None
-    for address in addresses:
-        try:
-            request = client.build_request(
-                method,
-                target.url_for(address),
-                headers=_hop_headers(headers, target),
-                content=body,
-                params=params,
-                extensions=_extensions(target, remaining()),
-            )
-        except httpx.InvalidURL as err:
-            raise OutboundRefused(
-                f"refused: {target.logical()!r} is not a valid URL: {err}"
-            ) from err
-        try:
-            return client.send(request, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as err:
-            last = err
         except httpx.HTTPError as err:
             raise _network_error(target.logical(), err) from err
     assert last is not None

@@ -18,7 +18,7 @@ from temporalio.client import (
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
 from core.config import Settings
-from workflows.search import RUN_KIND
+from workflows.contracts import RUN_KIND, STATE_SYNC_WORKFLOW
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def state_sync_id(settings: Settings) -> str:
 def _state_sync(settings: Settings) -> Schedule:
     return Schedule(
         action=ScheduleActionStartWorkflow(
-            "StateSyncWorkflow",
+            STATE_SYNC_WORKFLOW,
             id=f"state-sync-{settings.task_queue}",
             task_queue=settings.task_queue,
             execution_timeout=timedelta(minutes=10),

@@ -12,7 +12,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from core.config import Settings
-from workflows.search import ALL_KEYS
+from workflows.contracts import ALL_SEARCH_ATTRIBUTES
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ async def ensure_search_attributes(client: Client) -> None:
     )
     missing = {
         key.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
-        for key in ALL_KEYS
+        for key in ALL_SEARCH_ATTRIBUTES
         if key.name not in existing.custom_attributes
     }
     if not missing:

@@ -1,15 +1,16 @@
 """Shared fixtures: one Temporal dev server, PostgreSQL and SQLite databases, a scripted LLM."""
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
+from temporalio.testing import WorkflowEnvironment
 
 from core.db import Database
-from core.devserver import free_port, start_dev_server, stop_process
+from core.devserver import free_port, start_dev_server, stop_process, temporal_binary
 from tests.scripted_llm import ScriptedLLM
 from tests.stack import Stack
 
@@ -90,3 +91,22 @@ def db(stack: Stack) -> Iterator[Database]:
     database = Database(stack.settings.resolved_database_url())
     yield database
     database.dispose()
+
+
+# A Temporal dev server of its own for WorkflowEnvironment tests (workers, histories, replay).
+@pytest.fixture(scope="session")
+async def env() -> AsyncIterator[WorkflowEnvironment]:
+    args: list[str] = []
+    for key in (
+        "history.transferProcessorMaxPollRPS",
+        "history.timerProcessorMaxPollRPS",
+        "history.visibilityProcessorMaxPollRPS",
+    ):
+        args += ["--dynamic-config-value", f"{key}=10000"]
+    for name in ("ChainId", "TenantId", "RunKind"):
+        args += ["--search-attribute", f"{name}=Keyword"]
+    environment = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(), dev_server_extra_args=args
+    )
+    yield environment
+    await environment.shutdown()

@@ -13,20 +13,15 @@ Standalone (for manual end-to-end checks and subprocess-based tests)::
 import argparse
 import asyncio
 import base64
-import hashlib
 import itertools
 import json
-import math
-import re
 import socket
 import struct
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import httpx
 import uvicorn
@@ -35,179 +30,30 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-Matcher = str | Callable[[str, dict[str, Any]], bool] | None
-Api = Literal["openai", "ollama"]
-
-# Requests carrying this header (the start-up probe) are not recorded, so tests see only theirs.
-PROBE_HEADER = "x-scripted-llm-probe"
-DEFAULT_MODELS = ["llama3.2", "nomic-embed-text"]
-_PIECE_RE = re.compile(r"\s*\S+\s*")
-
-
-@dataclass
-class Recorded:
-    """One request as the server saw it, so tests can assert on what clients really sent."""
-
-    method: str
-    path: str
-    body: Any
-    headers: dict[str, str]
-    time: float
-
-    @property
-    def model(self) -> str | None:
-        """Model named in the body (Ollama's legacy ``name`` too), for filtering by model."""
-        if isinstance(self.body, dict):
-            value = self.body.get("model") or self.body.get("name")
-            return value if isinstance(value, str) else None
-        return None
-
-
-@dataclass
-class Rule:
-    """A scripted answer; rules are tried in the order they were added."""
-
-    match: Matcher
-    content: str = ""
-    tool_calls: list[dict[str, Any]] | None = None
-    delay: float = 0.0
-    status: int | None = None
-    times: int | None = None
-    error: str = "scripted failure"
-    hits: int = 0
-
-    def exhausted(self) -> bool:
-        return self.times is not None and self.hits >= self.times
-
-    def matches(self, text: str, body: dict[str, Any]) -> bool:
-        if self.match is None:
-            return True
-        if isinstance(self.match, str):
-            return self.match.lower() in text.lower()
-        return bool(self.match(text, body))
-
-
-@dataclass
-class _Answer:
-    """What a generation endpoint should say, after rules and truncation were applied."""
-
-    content: str
-    tool_calls: list[dict[str, Any]]
-    finish: str  # "stop" | "length" | "tool_calls"
-
-
-# --------------------------------------------------------------------------- text helpers
-
-
-def count_tokens(text: str) -> int:
-    """Token count used for usage stats: whitespace-separated words (deterministic, cheap)."""
-    return len(text.split())
-
-
-def split_pieces(text: str) -> list[str]:
-    """Split into word-sized stream chunks that concatenate back to exactly ``text``."""
-    pieces = _PIECE_RE.findall(text)
-    if not pieces:
-        return [text] if text else []
-    return pieces
-
-
-def _content_text(content: Any) -> str:
-    """Text of a message content: a string, or OpenAI's list of typed parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text", "") for p in content if isinstance(p, dict) and "text" in p]
-        return "\n".join(str(p) for p in parts)
-    return ""
-
-
-def last_user_text(messages: Any) -> str:
-    """Content of the last ``user`` message; rules match against this."""
-    if not isinstance(messages, list):
-        return ""
-    for msg in reversed(messages):
-        if isinstance(msg, dict) and msg.get("role") == "user":
-            return _content_text(msg.get("content"))
-    return ""
-
-
-def _messages_tokens(messages: Any) -> int:
-    if not isinstance(messages, list):
-        return 0
-    return sum(
-        count_tokens(_content_text(m.get("content"))) for m in messages if isinstance(m, dict)
-    )
-
-
-def _prompt_text(prompt: Any) -> str:
-    """Text of a completions ``prompt`` (string or list of strings; the last one wins)."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list):
-        strings = [p for p in prompt if isinstance(p, str)]
-        return strings[-1] if strings else ""
-    return ""
-
-
-def _inputs(value: Any) -> list[str]:
-    """Embedding inputs as a list of strings (token-id lists are stringified)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        if value and all(isinstance(v, int) for v in value):
-            return [json.dumps(value)]
-        return [v if isinstance(v, str) else json.dumps(v) for v in value]
-    return [json.dumps(value)]
-
-
-def embed_vector(text: str, dim: int) -> list[float]:
-    """Deterministic unit vector from a hash of ``text``: same text, same vector."""
-    values: list[float] = []
-    for block in itertools.count():
-        digest = hashlib.sha256(f"{block}:{text}".encode()).digest()
-        for (word,) in struct.iter_unpack(">I", digest):
-            values.append(word / 0xFFFFFFFF * 2.0 - 1.0)
-        if len(values) >= dim:
-            break
-    values = values[:dim]
-    norm = math.sqrt(sum(v * v for v in values)) or 1.0
-    return [v / norm for v in values]
-
-
-def canonical_model(name: str) -> str:
-    """Ollama treats ``llama3.2`` and ``llama3.2:latest`` as the same model."""
-    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _sha(name: str) -> str:
-    return hashlib.sha256(canonical_model(name).encode()).hexdigest()
-
-
-def _arguments_object(arguments: Any) -> dict[str, Any]:
-    if isinstance(arguments, str):
-        try:
-            parsed = json.loads(arguments) if arguments else {}
-        except ValueError:
-            return {"raw": arguments}
-        return parsed if isinstance(parsed, dict) else {"value": parsed}
-    return dict(arguments or {})
-
-
-def _arguments_string(arguments: Any) -> str:
-    return arguments if isinstance(arguments, str) else json.dumps(arguments or {})
-
+from tests.scripted_ollama import OllamaProtocol
+from tests.scripted_text import (
+    DEFAULT_MODELS,
+    PROBE_HEADER,
+    Answer,
+    Api,
+    Matcher,
+    Recorded,
+    Rule,
+    arguments_string,
+    canonical_model,
+    count_tokens,
+    embed_vector,
+    inputs_of,
+    last_user_text,
+    messages_tokens,
+    prompt_text,
+    split_pieces,
+)
 
 # --------------------------------------------------------------------------- server
 
 
-class ScriptedLLM:
+class ScriptedLLM(OllamaProtocol):
     """OpenAI (/v1/*) and Ollama (/api/*) compatible fake, served by uvicorn in a thread."""
 
     version = "0.12.3"
@@ -449,7 +295,7 @@ class ScriptedLLM:
         max_tokens: int | None,
         *,
         allow_tools: bool = True,
-    ) -> _Answer | JSONResponse:
+    ) -> Answer | JSONResponse:
         """Apply the first matching rule (or echo): wait, fail, or build the answer."""
         rule = self._pick(text, body)
         delay = rule.delay if rule is not None else self.default_delay
@@ -465,7 +311,7 @@ class ScriptedLLM:
             if len(pieces) > max_tokens:
                 content = "".join(pieces[:max_tokens]).rstrip()
                 finish = "length"
-        return _Answer(content, tool_calls, finish)
+        return Answer(content, tool_calls, finish)
 
     async def _paced(self, items: Iterable[str]) -> AsyncIterator[str]:
         for i, item in enumerate(items):
@@ -482,7 +328,7 @@ class ScriptedLLM:
                 "type": "function",
                 "function": {
                     "name": call["name"],
-                    "arguments": _arguments_string(call.get("arguments")),
+                    "arguments": arguments_string(call.get("arguments")),
                 },
             }
             for call in calls
@@ -515,7 +361,7 @@ class ScriptedLLM:
         if isinstance(answer, JSONResponse):
             return answer
         calls = self._openai_tool_calls(answer.tool_calls)
-        prompt_tokens = _messages_tokens(messages)
+        prompt_tokens = messages_tokens(messages)
         completion_tokens = count_tokens(answer.content) + sum(
             count_tokens(c["function"]["arguments"]) for c in calls
         )
@@ -596,7 +442,7 @@ class ScriptedLLM:
         model = str(body.get("model") or "")
         if (missing := self._model_missing("openai", model)) is not None:
             return missing
-        text = _prompt_text(body.get("prompt"))
+        text = prompt_text(body.get("prompt"))
         answer = await self._script("openai", text, body, body.get("max_tokens"), allow_tools=False)
         if isinstance(answer, JSONResponse):
             return answer
@@ -632,7 +478,7 @@ class ScriptedLLM:
         model = str(body.get("model") or "")
         if (missing := self._model_missing("openai", model)) is not None:
             return missing
-        inputs = _inputs(body.get("input"))
+        inputs = inputs_of(body.get("input"))
         if (failure := await self._embed_failure("openai", inputs, body)) is not None:
             return failure
         dim = int(body.get("dimensions") or self.embed_dim)
@@ -675,290 +521,7 @@ class ScriptedLLM:
         ]
         return JSONResponse({"object": "list", "data": data})
 
-    # ------------------------------------------------------------------ Ollama
-
-    @staticmethod
-    def _stats(prompt_tokens: int, eval_tokens: int) -> dict[str, int]:
-        return {
-            "total_duration": 1_000_000 * (1 + prompt_tokens + eval_tokens),
-            "load_duration": 100_000,
-            "prompt_eval_count": prompt_tokens,
-            "prompt_eval_duration": 100_000 * (1 + prompt_tokens),
-            "eval_count": eval_tokens,
-            "eval_duration": 1_000_000 * (1 + eval_tokens),
-        }
-
-    def _ndjson(self, lines: list[dict[str, Any]]) -> StreamingResponse:
-        encoded = [json.dumps(line) + "\n" for line in lines]
-        return StreamingResponse(self._paced(encoded), media_type="application/x-ndjson")
-
-    @staticmethod
-    def _num_predict(body: dict[str, Any]) -> int | None:
-        options = body.get("options")
-        if isinstance(options, dict) and isinstance(options.get("num_predict"), int):
-            value: int = options["num_predict"]
-            return value if value >= 0 else None
-        return None
-
-    @staticmethod
-    def _done_reason(answer: _Answer) -> str:
-        return "length" if answer.finish == "length" else "stop"
-
-    async def _api_chat(self, request: Request) -> Response:
-        body = await self._record(request)
-        model = str(body.get("model") or "")
-        if (missing := self._model_missing("ollama", model)) is not None:
-            return missing
-        messages = body.get("messages")
-        answer = await self._script(
-            "ollama", last_user_text(messages), body, self._num_predict(body)
-        )
-        if isinstance(answer, JSONResponse):
-            return answer
-        calls = [
-            {
-                "function": {
-                    "name": call["name"],
-                    "arguments": _arguments_object(call.get("arguments")),
-                }
-            }
-            for call in answer.tool_calls
-        ]
-        eval_tokens = count_tokens(answer.content) + sum(
-            count_tokens(json.dumps(c["function"]["arguments"])) for c in calls
-        )
-        stats = self._stats(_messages_tokens(messages), eval_tokens)
-        done_reason = self._done_reason(answer)
-        if body.get("stream") is False:
-            message: dict[str, Any] = {"role": "assistant", "content": answer.content}
-            if calls:
-                message["tool_calls"] = calls
-            return JSONResponse(
-                {
-                    "model": model,
-                    "created_at": _now_iso(),
-                    "message": message,
-                    "done_reason": done_reason,
-                    "done": True,
-                    **stats,
-                }
-            )
-        lines: list[dict[str, Any]] = [
-            {
-                "model": model,
-                "created_at": _now_iso(),
-                "message": {"role": "assistant", "content": piece},
-                "done": False,
-            }
-            for piece in split_pieces(answer.content)
-        ]
-        if calls:
-            lines.append(
-                {
-                    "model": model,
-                    "created_at": _now_iso(),
-                    "message": {"role": "assistant", "content": "", "tool_calls": calls},
-                    "done": False,
-                }
-            )
-        lines.append(
-            {
-                "model": model,
-                "created_at": _now_iso(),
-                "message": {"role": "assistant", "content": ""},
-                "done_reason": done_reason,
-                "done": True,
-                **stats,
-            }
-        )
-        return self._ndjson(lines)
-
-    async def _api_generate(self, request: Request) -> Response:
-        body = await self._record(request)
-        model = str(body.get("model") or "")
-        if (missing := self._model_missing("ollama", model)) is not None:
-            return missing
-        prompt = body.get("prompt") if isinstance(body.get("prompt"), str) else ""
-        answer = await self._script(
-            "ollama", prompt, body, self._num_predict(body), allow_tools=False
-        )
-        if isinstance(answer, JSONResponse):
-            return answer
-        stats = self._stats(count_tokens(prompt), count_tokens(answer.content))
-        final = {
-            "done": True,
-            "done_reason": self._done_reason(answer),
-            "context": [1, 2, 3],
-            **stats,
-        }
-        if body.get("stream") is False:
-            return JSONResponse(
-                {"model": model, "created_at": _now_iso(), "response": answer.content, **final}
-            )
-        lines: list[dict[str, Any]] = [
-            {"model": model, "created_at": _now_iso(), "response": piece, "done": False}
-            for piece in split_pieces(answer.content)
-        ]
-        lines.append({"model": model, "created_at": _now_iso(), "response": "", **final})
-        return self._ndjson(lines)
-
-    async def _api_embed(self, request: Request) -> Response:
-        body = await self._record(request)
-        model = str(body.get("model") or "")
-        if (missing := self._model_missing("ollama", model)) is not None:
-            return missing
-        inputs = _inputs(body.get("input"))
-        if (failure := await self._embed_failure("ollama", inputs, body)) is not None:
-            return failure
-        dim = int(body.get("dimensions") or self.embed_dim)
-        tokens = sum(count_tokens(t) for t in inputs)
-        return JSONResponse(
-            {
-                "model": model,
-                "embeddings": [embed_vector(t, dim) for t in inputs],
-                "total_duration": 1_000_000,
-                "load_duration": 100_000,
-                "prompt_eval_count": tokens,
-            }
-        )
-
-    async def _api_embeddings(self, request: Request) -> Response:
-        body = await self._record(request)
-        model = str(body.get("model") or "")
-        if (missing := self._model_missing("ollama", model)) is not None:
-            return missing
-        prompt = body.get("prompt") if isinstance(body.get("prompt"), str) else ""
-        if (failure := await self._embed_failure("ollama", [prompt], body)) is not None:
-            return failure
-        return JSONResponse({"embedding": embed_vector(prompt, self.embed_dim)})
-
-    def _model_entry(self, name: str) -> dict[str, Any]:
-        sha = _sha(name)
-        return {
-            "name": canonical_model(name),
-            "model": canonical_model(name),
-            "modified_at": "2025-01-01T00:00:00Z",
-            "size": self.pull_total_bytes,
-            "digest": sha,
-            "details": self._details(name),
-        }
-
-    @staticmethod
-    def _details(name: str) -> dict[str, Any]:
-        family = re.split(r"[^a-z]", name.lower(), maxsplit=1)[0] or "llama"
-        return {
-            "parent_model": "",
-            "format": "gguf",
-            "family": family,
-            "families": [family],
-            "parameter_size": "3.2B",
-            "quantization_level": "Q4_K_M",
-        }
-
-    async def _api_tags(self, request: Request) -> Response:
-        await self._record(request)
-        return JSONResponse({"models": [self._model_entry(m) for m in list(self.models)]})
-
-    async def _api_show(self, request: Request) -> Response:
-        body = await self._record(request)
-        model = str(body.get("model") or body.get("name") or "")
-        if not self.has_model(model):
-            return JSONResponse({"error": f"model '{model}' not found"}, status_code=404)
-        family = self._details(model)["family"]
-        return JSONResponse(
-            {
-                "modelfile": f"FROM {canonical_model(model)}\n",
-                "parameters": 'stop "<|eot_id|>"',
-                "template": "{{ .Prompt }}",
-                "details": self._details(model),
-                "model_info": {
-                    "general.architecture": family,
-                    "general.parameter_count": 3_212_749_888,
-                    f"{family}.context_length": 131072,
-                    f"{family}.embedding_length": self.embed_dim,
-                },
-                "capabilities": ["completion", "tools", "embedding"],
-                "modified_at": "2025-01-01T00:00:00Z",
-            }
-        )
-
-    async def _api_delete(self, request: Request) -> Response:
-        body = await self._record(request)
-        model = str(body.get("model") or body.get("name") or "")
-        if not self.has_model(model):
-            return JSONResponse({"error": f"model '{model}' not found"}, status_code=404)
-        want = canonical_model(model)
-        self.models[:] = [m for m in self.models if canonical_model(m) != want]
-        self._loaded.pop(want, None)
-        return Response(status_code=200)
-
-    async def _api_version(self, request: Request) -> Response:
-        await self._record(request)
-        return JSONResponse({"version": self.version})
-
-    async def _api_ps(self, request: Request) -> Response:
-        await self._record(request)
-        expires = (datetime.now(UTC) + timedelta(minutes=5)).isoformat().replace("+00:00", "Z")
-        running = [
-            {
-                **self._model_entry(name),
-                "expires_at": expires,
-                "size_vram": self.pull_total_bytes,
-                "context_length": 4096,
-            }
-            for name in list(self.models)
-            if canonical_model(name) in self._loaded
-        ]
-        return JSONResponse({"models": running})
-
-    async def _pull_progress(self, model: str, request: Request) -> AsyncIterator[dict[str, Any]]:
-        """Real Ollama pull sequence; the model is added only if the client is still there."""
-        yield {"status": "pulling manifest"}
-        if model in self.unpullable or canonical_model(model) in self.unpullable:
-            yield {"error": "pull model manifest: file does not exist"}
-            return
-        sha = _sha(model)
-        total = self.pull_total_bytes
-        steps = max(self.pull_steps, 1)
-        for step in range(1, steps + 1):
-            await asyncio.sleep(self.pull_delay_per_step)
-            if await request.is_disconnected():
-                return
-            yield {
-                "status": f"pulling {sha[:12]}",
-                "digest": f"sha256:{sha}",
-                "total": total,
-                "completed": total * step // steps,
-            }
-        yield {"status": "verifying sha256 digest"}
-        yield {"status": "writing manifest"}
-        if await request.is_disconnected():
-            return
-        if not self.has_model(model):
-            self.models.append(model)
-        yield {"status": "success"}
-
-    async def _api_pull(self, request: Request) -> Response:
-        body = await self._record(request)
-        model = str(body.get("model") or body.get("name") or "")
-        if not model:
-            return JSONResponse({"error": "model is required"}, status_code=400)
-        progress = self._pull_progress(model, request)
-        if body.get("stream") is False:
-            last: dict[str, Any] = {}
-            async for line in progress:
-                if "error" in line:
-                    return JSONResponse(line, status_code=500)
-                last = line
-            if last.get("status") != "success":
-                return JSONResponse({"error": "client disconnected"}, status_code=499)
-            return JSONResponse({"status": "success"})
-
-        async def lines() -> AsyncIterator[str]:
-            async for line in progress:
-                yield json.dumps(line) + "\n"
-
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+    # ------------------------------------------------------------------ fallbacks
 
     async def _root(self, request: Request) -> Response:
         return Response("Ollama is running", media_type="text/plain")

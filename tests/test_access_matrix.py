@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from core.access import SEGMENT_TYPES, SELF
+from core.identity.permissions import SEGMENT_TYPES, SELF
 from tests.scripted_llm import ScriptedLLM
 from tests.stack import Stack
 

@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from core.db import Database
+from core.metering.request_log import RequestLog
 from core.models import BackendStateRow
-from core.request_log import RequestLog
 from tests.scripted_llm import ScriptedLLM
 from tests.stack import ApiThread, Stack
 from tests.test_ops import make_key

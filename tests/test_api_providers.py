@@ -8,9 +8,9 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 
+from core.backends.keys import PROVIDER_TYPES, provider_api_key, provider_api_keys
 from core.db import Database
 from core.models import ProviderConfigRow
-from core.provider_keys import PROVIDER_TYPES, provider_api_key, provider_api_keys
 from core.secrets import SecretBox, mask
 from tests.stack import Stack
 from tests.test_api_resources import assert_error

@@ -12,7 +12,8 @@ import yaml
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 
-from tests.scripted_llm import ScriptedLLM, embed_vector
+from tests.scripted_llm import ScriptedLLM
+from tests.scripted_text import embed_vector
 from tests.stack import Stack
 from tests.test_api_resources import assert_error
 

@@ -25,8 +25,8 @@ from temporalio.worker import Replayer, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from api.main import create_app
+from core.backends.downloads import cancel_downloads, enqueue_download
 from core.devserver import free_port
-from core.downloads import cancel_downloads, enqueue_download
 from core.temporal import ensure_search_attributes
 from tests.scripted_llm import ScriptedLLM
 from tests.stack import ApiThread, Stack

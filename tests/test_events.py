@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from core import events as store
 from core.db import Database
+from core.events import mappings, queries, store
 from core.models import EventMappingRow, rfc3339
 from tests.stack import Stack
 
@@ -275,7 +275,7 @@ def test_tenants_never_see_each_other(stack: Stack) -> None:
     db = Database(stack.settings.resolved_database_url())
     try:
         theirs, _ = store.append_event(db, "someone-else", {"event_type": kind})
-        assert store.events_by_type(db, "someone-else", kind)[0]["id"] == theirs["id"]
+        assert queries.events_by_type(db, "someone-else", kind)[0]["id"] == theirs["id"]
     finally:
         db.dispose()
     assert stack.http.get("/events/type", params={"event_type": kind}).json() == []
@@ -462,14 +462,14 @@ def test_mapping_cache_is_refreshed_by_sync(stack: Stack) -> None:
 
 def test_extract_and_apply_mapping() -> None:
     payload = {"a": {"b": [{"c": 1}, {"c": "two"}]}, "x.y": 5, "n": None}
-    assert store.extract(payload, "a.b[1].c") == "two"
-    assert store.extract(payload, "$.a.b[0].c") == 1
-    assert store.extract(payload, "a.b.0.c") == 1
-    assert store.extract(payload, "['x.y']") == 5
-    assert store.extract(payload, "a.missing.c") is None
-    assert store.extract(payload, "a.b[9]") is None
-    assert store.extract(payload, "n.deeper") is None
-    config = store.MappingConfig.model_validate(
+    assert mappings.extract(payload, "a.b[1].c") == "two"
+    assert mappings.extract(payload, "$.a.b[0].c") == 1
+    assert mappings.extract(payload, "a.b.0.c") == 1
+    assert mappings.extract(payload, "['x.y']") == 5
+    assert mappings.extract(payload, "a.missing.c") is None
+    assert mappings.extract(payload, "a.b[9]") is None
+    assert mappings.extract(payload, "n.deeper") is None
+    config = mappings.MappingConfig.model_validate(
         {
             "path": "p",
             "eventType": "fixed",
@@ -478,7 +478,7 @@ def test_extract_and_apply_mapping() -> None:
             "metadataMapping": '{"h": "headers.X-Id", "v": "payload:a.b[1].c"}',
         }
     )
-    event = store.apply_mapping(config, payload, {"x-id": "42"})
+    event = mappings.apply_mapping(config, payload, {"x-id": "42"})
     # eventTypeField found nothing: the fixed eventType; an object is no aggregate id
     assert event["event_type"] == "fixed" and event["aggregate_id"] == ""
     assert event["metadata"] == {"h": "42", "v": "two"}

@@ -1,7 +1,7 @@
 """JS functions: the sandbox (limits, isolation, builtins), /functions over real HTTP, a chain's
 `js` task, FunctionWorkflow, and the builtins against a real worker.
 
-The sandbox tests talk to core.jsrunner directly (fast); the rest run on the shared stack
+The sandbox tests talk to core.sandbox.pool directly (fast); the rest run on the shared stack
 (SQLite and PostgreSQL) or on a module-scoped stack whose outbound allowlist lets 127.0.0.1
 through.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from temporalio.client import WorkflowFailureError
 
-from core.jsrunner import JSError, JSRunner
+from core.sandbox.pool import JSError, JSRunner
 from core.temporal import connect
 from tests.scripted_llm import ScriptedLLM
 from tests.stack import Stack

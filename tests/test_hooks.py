@@ -18,18 +18,8 @@ from temporalio.testing import ActivityEnvironment
 from activities.hooks import HookActivities, hidden_tool
 from core.config import Settings
 from core.db import Database
-from core.hooks import (
-    Hidden,
-    RemoteHook,
-    SchemaCache,
-    ToolArgumentError,
-    base_url,
-    build_call,
-    encrypt_headers,
-    operations,
-    schema_url,
-    scrub,
-)
+from core.hooks.openapi import Hidden, SchemaCache, base_url, build_call, operations, schema_url
+from core.hooks.store import RemoteHook, ToolArgumentError, encrypt_headers, scrub
 from core.models import RemoteHookRow
 from core.secrets import SecretBox, mask
 from tests.hook_service import ALLOWLIST, HookService, allowlisted_stack, clean, register

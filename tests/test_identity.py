@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 
 from core.db import Database
-from core.identity import Tokens
+from core.identity.credentials import Tokens
 from core.models import RevokedTokenRow, utcnow
 from core.secrets import SecretBox
 from tests.stack import ApiThread, Stack

@@ -12,7 +12,7 @@ import pytest
 
 from core.db import Database
 from core.devserver import free_port, start_dev_server, stop_process
-from core.identity import new_api_key
+from core.identity.credentials import new_api_key
 from core.models import ApiKeyRow
 from tests.stack import ApiThread, Stack
 

@@ -32,7 +32,6 @@ from core.outbound import (
     OutboundRefused,
     blocked_reason,
     fetch,
-    fetch_sync,
 )
 
 # --------------------------------------------------------------------------- a recording server
@@ -207,23 +206,11 @@ def fake_dns(monkeypatch: pytest.MonkeyPatch, table: dict[str, list[list[str]]])
 
 
 async def both(method: str, url: str, **kwargs: Any) -> list[Any]:
-    """Run the async and the sync API with the same arguments; results or exceptions."""
-    results: list[Any] = []
+    """The result or the exception of one fetch, as a list to loop over."""
     try:
-        results.append(await fetch(method, url, **kwargs))
+        return [await fetch(method, url, **kwargs)]
     except Exception as err:
-        results.append(err)
-    try:
-        results.append(await _in_thread(lambda: fetch_sync(method, url, **kwargs)))
-    except Exception as err:
-        results.append(err)
-    return results
-
-
-async def _in_thread(fn: Any) -> Any:
-    import asyncio
-
-    return await asyncio.to_thread(fn)
+        return [err]
 
 
 # --------------------------------------------------------------------------- the address policy
@@ -384,7 +371,7 @@ async def test_allowlisted_destinations_go_through(srv: Recorder, allow: str, ho
         assert result.status == 200 and result.json() == {"ok": True}
         assert result.headers["content-type"] == "application/json"
         assert result.url == f"http://{host}:{srv.port}/echo?q=x+y"
-    assert len(srv.requests) == 2
+    assert len(srv.requests) == 1
     seen = srv.requests[0]
     assert seen["method"] == "POST" and seen["body"] == b'{"a": 1}'
     assert seen["query"] == {"q": ["x y"]}
@@ -408,7 +395,6 @@ async def test_default_allowlist_comes_from_the_environment(
     get_settings.cache_clear()
     try:
         assert (await fetch("GET", f"http://127.0.0.1:{srv.port}/")).status == 200
-        assert fetch_sync("GET", f"http://127.0.0.1:{srv.port}/").status == 200
         monkeypatch.setenv("CHAINLOOM_OUTBOUND_ALLOWLIST", "")
         get_settings.cache_clear()
         with pytest.raises(OutboundRefused):
@@ -439,7 +425,7 @@ async def test_a_mixed_answer_uses_only_the_allowed_address(
     srv: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake_dns(monkeypatch, {"mixed.test": [["10.0.0.9", "127.0.0.1"]]})
-    resp = fetch_sync("GET", f"http://mixed.test:{srv.port}/", allowlist="127.0.0.1")
+    resp = await fetch("GET", f"http://mixed.test:{srv.port}/", allowlist="127.0.0.1")
     assert resp.status == 200 and srv.connections == 1
 
 
@@ -489,8 +475,6 @@ async def test_tls_uses_the_name_for_sni_and_certificate_while_connecting_to_the
         assert resp.status == 200
         assert sni == ["hooks.test"]
         assert rec.requests[0]["headers"]["host"] == f"hooks.test:{rec.port}"
-        resp = fetch_sync("GET", f"https://hooks.test:{rec.port}/", allowlist="127.0.0.1")
-        assert resp.status == 200
         # The certificate is checked against the name: another name fails verification.
         fake_dns(monkeypatch, {"other.test": [["127.0.0.1"]]})
         with pytest.raises(OutboundError, match="cannot reach"):
@@ -508,8 +492,8 @@ async def test_redirect_to_a_blocked_address_is_refused(srv: Recorder) -> None:
     for result in await both("GET", url, allowlist="127.0.0.1"):
         assert isinstance(result, OutboundRefused), result
         assert "169.254.169.254 is the cloud metadata address" in result.message
-    # Only the first hop (once per API) reached a server.
-    assert [r["path"] for r in srv.requests] == ["/redirect", "/redirect"]
+    # Only the first hop reached a server.
+    assert [r["path"] for r in srv.requests] == ["/redirect"]
 
 
 async def test_redirect_to_a_name_resolving_privately_is_refused(
@@ -542,7 +526,7 @@ async def test_redirects_followed_and_secrets_kept_to_their_origin(
     # Same origin: headers kept; 303 turns a POST into a GET without a body.
     srv.reset()
     same = f"http://127.0.0.1:{srv.port}/redirect?status=303&to=/final"
-    resp = fetch_sync(
+    resp = await fetch(
         "POST", same, json={"n": 1}, headers={"X-Service-Token": "s3cret"}, allowlist="127.0.0.1"
     )
     final = srv.requests[-1]
@@ -555,7 +539,7 @@ async def test_too_many_redirects(srv: Recorder) -> None:
     for result in await both("GET", url, allowlist="127.0.0.1", max_redirects=3):
         assert isinstance(result, OutboundError) and not result.transient
         assert "too many redirects" in str(result)
-    assert len(srv.requests) == 8  # 1 + 3 redirects, per API
+    assert len(srv.requests) == 4  # 1 + 3 redirects
 
 
 # --------------------------------------------------------------------------- size and time
@@ -610,17 +594,3 @@ def test_results_and_errors_cross_process_boundaries() -> None:
     assert error.message == "too big" and error.transient is False
     resp = outbound.OutboundResponse(200, {"content-type": "text/plain"}, b"hi", "http://x/")
     assert pickle.loads(pickle.dumps(resp)) == resp and resp.text == "hi"
-
-
-def test_fetch_sync_from_a_worker_thread(srv: Recorder) -> None:
-    results: list[Any] = []
-
-    def work() -> None:
-        results.append(fetch_sync("GET", f"http://127.0.0.1:{srv.port}/", allowlist="127.0.0.1"))
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert [r.status for r in results] == [200] * 4

@@ -191,7 +191,7 @@ def test_redis_shares_counters_between_processes(
 
 
 def test_invalid_limit_settings_are_refused(temporal_address: str, sqlite_url: str) -> None:
-    from core.ratelimit import RateLimiter
+    from core.metering.ratelimit import RateLimiter
 
     for text in ("fast", "0/minute", "5/minute;10/hour"):
         settings = Stack.settings_for(temporal_address, sqlite_url, CHAINLOOM_RATE_LIMIT=text)

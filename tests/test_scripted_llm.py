@@ -15,7 +15,8 @@ import ollama
 import openai
 import pytest
 
-from tests.scripted_llm import ScriptedLLM, embed_vector
+from tests.scripted_llm import ScriptedLLM
+from tests.scripted_text import embed_vector
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,18 +14,18 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from core.db import Database
-from core.events import append_event
-from core.models import FunctionRow
-from core.temporal import connect, ensure_search_attributes
-from core.triggers import (
+from core.events.store import append_event
+from core.events.triggers import (
     DEPTH_EXCEEDED,
     DISPATCH_FAILED,
     FUNCTION_WORKFLOW,
     dispatch_triggers,
     trigger_workflow_id,
 )
+from core.models import FunctionRow
+from core.temporal import connect, ensure_search_attributes
 from tests.stack import Stack
-from workflows.search import RUN_KIND, TENANT_ID
+from workflows.contracts import RUN_KIND, TENANT_ID
 from workflows.types import FunctionRunInput
 
 SCRIPT = "function main(event) { return 'ok'; }"

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any
 
-from core.triggers import DEPTH_EXCEEDED
+from core.events.triggers import DEPTH_EXCEEDED
 from tests.stack import Stack
 from tests.test_events import SSEReader
 

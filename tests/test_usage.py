@@ -8,12 +8,13 @@ from typing import Any
 import httpx
 
 from activities.llm import LLMActivities
+from core.backends.providers import ProviderClients
 from core.db import Database
+from core.metering.usage import period_of
 from core.models import UsageRow
-from core.providers import ProviderClients
-from core.usage import period_of
 from tests import test_rate_limits
-from tests.scripted_llm import ScriptedLLM, _messages_tokens, count_tokens, last_user_text
+from tests.scripted_llm import ScriptedLLM
+from tests.scripted_text import count_tokens, last_user_text, messages_tokens
 from tests.test_api_tasks import add_backend, sentiment_chain
 from tests.test_rate_limits import StackFactory, key_client, tenant_of
 
@@ -46,7 +47,7 @@ def reported_tokens(llm: ScriptedLLM, replies: dict[str, str]) -> int:
         messages = rec.body["messages"]
         prompt = last_user_text(messages).lower()
         reply = next(text for word, text in replies.items() if word in prompt)
-        total += _messages_tokens(messages) + count_tokens(reply)
+        total += messages_tokens(messages) + count_tokens(reply)
     return total
 
 

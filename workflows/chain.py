@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, FailureError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from chains import engine, templating
@@ -23,6 +23,19 @@ with workflow.unsafe.imports_passed_through():
         TaskDefinition,
         canonical_handler,
         parse_duration,
+    )
+    from workflows.contracts import (
+        CHAIN_FAILED,
+        CHAIN_WORKFLOW,
+        HOOK_CALL,
+        HOOK_TOOLS,
+        JS_RUN,
+        LLM_CHAT,
+        LLM_EMBED,
+        PERMANENT_LLM_ERROR,
+        PERMANENT_TOOL_ERROR,
+        PROGRESS_QUERY,
+        failure_message,
     )
     from workflows.types import (
         ApprovalDecision,
@@ -40,11 +53,9 @@ with workflow.unsafe.imports_passed_through():
         ToolsRequest,
     )
 
-CHAIN_FAILED = "ChainFailed"
-PERMANENT_LLM_ERROR = "PermanentLLMError"
-# Raised by hook and JS activities for failures a retry cannot fix (bad script, 4xx).
-PERMANENT_TOOL_ERROR = "PermanentToolError"
 TOOL_TIMEOUT = 90.0
+# Patch ids (docs/workflows.md): js.* tool calls used to go through hook_call.
+JS_TOOLS_DIRECT = "js-tools-direct"
 TOOL_CALL = "tool-call"
 
 
@@ -57,7 +68,7 @@ class _Outcome:
         self.meta = meta or {}
 
 
-@workflow.defn(name="ChainWorkflow")
+@workflow.defn(name=CHAIN_WORKFLOW)
 class ChainWorkflow:
     def __init__(self) -> None:
         self._state: list[dict[str, Any]] = []
@@ -67,7 +78,7 @@ class ChainWorkflow:
         self._output: Any = None
         self._step = 0
 
-    @workflow.query
+    @workflow.query(name=PROGRESS_QUERY)
     def progress(self) -> dict[str, Any]:
         return {
             "status": self._status,
@@ -246,14 +257,14 @@ class ChainWorkflow:
             return []
         try:
             return await workflow.execute_activity(
-                "hook_tools",
+                HOOK_TOOLS,
                 ToolsRequest(self._params.tenant_id, list(cfg.hooks), list(cfg.hide_tools)),
                 result_type=list[ToolSpec],
                 summary=f"{task.id}: tools of {', '.join(cfg.hooks)}",
                 **self._tool_options(task),
             )
         except ActivityError as err:
-            raise TaskFailure(_activity_message(err)) from err
+            raise TaskFailure(failure_message(err)) from err
 
     def _tool_options(self, task: TaskDefinition) -> dict[str, Any]:
         timeout = parse_duration(task.timeout) or TOOL_TIMEOUT
@@ -286,14 +297,14 @@ class ChainWorkflow:
         )
         try:
             return await workflow.execute_activity(
-                "llm_chat",
+                LLM_CHAT,
                 request,
                 result_type=LLMResult,
                 summary=f"{task.id}: {task.handler}",
                 **self._activity_options(task),
             )
         except ActivityError as err:
-            raise TaskFailure(_activity_message(err)) from err
+            raise TaskFailure(failure_message(err)) from err
 
     async def _prompt(self, task: TaskDefinition, handler: str, scope: dict[str, Any]) -> _Outcome:
         prompt = self._render(task.prompt_template, scope)
@@ -305,7 +316,12 @@ class ChainWorkflow:
         result = await self._call_llm(task, messages)
         output = engine.interpret_answer(handler, result.content, task.valid_conditions)
         output = self._output_template(task, output, scope)
-        return _Outcome(output, engine.as_text(output), _llm_meta(result))
+        meta = _llm_meta(result)
+        if self._chain.debug:
+            # What the model was asked, as rendered: the first thing to read when a chain
+            # answers oddly.
+            meta["debug"] = {"messages": messages, "answer": result.content}
+        return _Outcome(output, engine.as_text(output), meta)
 
     async def _chat(self, task: TaskDefinition, task_input: Any, scope: dict[str, Any]) -> _Outcome:
         history = engine.to_chat_history(task_input)
@@ -327,6 +343,15 @@ class ChainWorkflow:
     async def _call_tool(
         self, task: TaskDefinition, hook: str, tool: str, args: dict[str, Any], key: str
     ) -> Any:
+        if hook == "js" and workflow.patched(JS_TOOLS_DIRECT):
+            # A JS function offered as a tool (js.<name>) runs in the JS activity itself.
+            function = tool or str(args.get("function") or "")
+            if not function:
+                raise TaskFailure(
+                    "the js hook needs a function name: tool_name, or a `function` argument"
+                )
+            result = await self._run_js(task, function, args)
+            return result.result
         request = ToolCallRequest(
             tenant_id=self._params.tenant_id,
             workflow_id=workflow.info().workflow_id,
@@ -338,14 +363,14 @@ class ChainWorkflow:
         )
         try:
             result = await workflow.execute_activity(
-                "hook_call",
+                HOOK_CALL,
                 request,
                 result_type=ToolCallResult,
                 summary=f"{task.id}: {hook}.{tool}" if tool else f"{task.id}: {hook}",
                 **self._tool_options(task),
             )
         except ActivityError as err:
-            raise TaskFailure(_activity_message(err)) from err
+            raise TaskFailure(failure_message(err)) from err
         return result.output
 
     async def _hook(self, task: TaskDefinition, scope: dict[str, Any]) -> _Outcome:
@@ -360,26 +385,28 @@ class ChainWorkflow:
         output = self._output_template(task, output, scope)
         return _Outcome(output, output if isinstance(output, str) else "ok")
 
-    async def _js(self, task: TaskDefinition, task_input: Any) -> _Outcome:
-        if task.hook is None:
-            raise TaskFailure("a js task needs `hook.name`, the function to run")
-        info = workflow.info()
+    async def _run_js(self, task: TaskDefinition, function: str, value: Any) -> FunctionRunResult:
         request = FunctionRunInput(
             tenant_id=self._params.tenant_id,
-            function=task.hook.name,
-            input=task_input,
-            workflow_id=info.workflow_id,
+            function=function,
+            input=value,
+            workflow_id=workflow.info().workflow_id,
         )
         try:
-            result = await workflow.execute_activity(
-                "js_run",
+            return await workflow.execute_activity(
+                JS_RUN,
                 request,
                 result_type=FunctionRunResult,
-                summary=f"{task.id}: js {task.hook.name}",
+                summary=f"{task.id}: js {function}",
                 **self._tool_options(task),
             )
         except ActivityError as err:
-            raise TaskFailure(_activity_message(err)) from err
+            raise TaskFailure(failure_message(err)) from err
+
+    async def _js(self, task: TaskDefinition, task_input: Any) -> _Outcome:
+        if task.hook is None:
+            raise TaskFailure("a js task needs `hook.name`, the function to run")
+        result = await self._run_js(task, task.hook.name, task_input)
         output = result.result
         meta: dict[str, Any] = {"logs": result.logs} if result.logs else {}
         return _Outcome(output, output if isinstance(output, str) else "ok", meta)
@@ -440,14 +467,14 @@ class ChainWorkflow:
         )
         try:
             result = await workflow.execute_activity(
-                "llm_embed",
+                LLM_EMBED,
                 request,
                 result_type=EmbedResult,
                 summary=f"{task.id}: {task.handler}",
                 **self._activity_options(task),
             )
         except ActivityError as err:
-            raise TaskFailure(_activity_message(err)) from err
+            raise TaskFailure(failure_message(err)) from err
         meta: dict[str, Any] = {"model": result.model, "backend": result.backend}
         if result.failed_over:
             meta["failedOver"] = result.failed_over
@@ -514,15 +541,3 @@ def _llm_meta(result: LLMResult) -> dict[str, Any]:
     if result.failed_over:
         meta["failedOver"] = result.failed_over
     return meta
-
-
-def _activity_message(err: ActivityError) -> str:
-    """The innermost failure message, which names the backend and what went wrong."""
-    cause: BaseException | None = err.cause
-    while isinstance(cause, FailureError) and not isinstance(cause, ApplicationError):
-        if cause.cause is None:
-            break
-        cause = cause.cause
-    if cause is None:
-        return str(err)
-    return getattr(cause, "message", None) or str(cause)

@@ -7,14 +7,6 @@ them on every signal, query and activity result.
 from dataclasses import dataclass, field
 from typing import Any
 
-DOWNLOAD_WORKFLOW = "ModelDownloadWorkflow"
-PULL_ACTIVITY = "ollama_pull"
-ENQUEUE_SIGNAL = "enqueue"
-CANCEL_SIGNAL = "cancel"
-QUEUE_QUERY = "queue"
-# Error type of a pull that can never succeed (unknown model, backend gone): not retried.
-PULL_FAILED = "ModelPullFailed"
-
 
 def download_workflow_id(backend_id: str) -> str:
     """One queue per backend: the id is what makes enqueueing through signal-with-start atomic."""

@@ -18,22 +18,20 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import (
     ActivityError,
-    ApplicationError,
     CancelledError,
-    FailureError,
-)
-from temporalio.exceptions import (
-    TimeoutError as TemporalTimeoutError,
 )
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.download_types import (
+    from workflows.contracts import (
         CANCEL_SIGNAL,
         DOWNLOAD_WORKFLOW,
         ENQUEUE_SIGNAL,
-        PULL_ACTIVITY,
+        OLLAMA_PULL,
         PULL_FAILED,
         QUEUE_QUERY,
+        failure_message,
+    )
+    from workflows.download_types import (
         DownloadJob,
         DownloadQueueInput,
         DownloadRequest,
@@ -44,8 +42,8 @@ with workflow.unsafe.imports_passed_through():
 
 
 def same_model(a: str, b: str) -> bool:
-    """Ollama treats 'name' and 'name:latest' as one model (core.providers.same_model, which
-    this module may not import: it pulls in the HTTP clients)."""
+    """Ollama treats 'name' and 'name:latest' as one model (core.backends.providers.same_model,
+    which this module may not import: it pulls in the HTTP clients)."""
     return a == b or a.removesuffix(":latest") == b.removesuffix(":latest")
 
 
@@ -135,7 +133,7 @@ class ModelDownloadWorkflow:
         self._cancelling = False
         self._show()
         self._activity = workflow.start_activity(
-            PULL_ACTIVITY,
+            OLLAMA_PULL,
             PullInput(
                 tenant_id=self._params.tenant_id,
                 backend_id=self._params.backend_id,
@@ -169,7 +167,7 @@ class ModelDownloadWorkflow:
                 self._finish(job, "cancelled", error="cancelled while downloading")
                 self._reraise_workflow_cancel()
             else:
-                self._finish(job, "failed", error=_message(err))
+                self._finish(job, "failed", error=failure_message(err))
         except asyncio.CancelledError:
             # The pull finished in the same moment it was cancelled: it counts as cancelled.
             self._finish(job, "cancelled", error="cancelled while downloading")
@@ -262,13 +260,3 @@ class ModelDownloadWorkflow:
             last = self._finished[-1]
             lines.append(f"**last** `{last.model}`: {last.status} {last.error}".rstrip())
         workflow.set_current_details("\n\n".join(lines))
-
-
-def _message(err: ActivityError) -> str:
-    """The most telling message of a failed pull (a timeout carries the last attempt's error)."""
-    cause: BaseException | None = err.cause
-    if isinstance(cause, TemporalTimeoutError) and isinstance(cause.cause, FailureError):
-        return f"{cause.message}: {cause.cause.message}"
-    if isinstance(cause, ApplicationError | FailureError):
-        return cause.message
-    return str(cause or err)

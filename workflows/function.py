@@ -10,19 +10,24 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, FailureError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from workflows.contracts import (
+        FUNCTION_FAILED,
+        FUNCTION_WORKFLOW,
+        JS_RUN,
+        PERMANENT_TOOL_ERROR,
+        failure_message,
+    )
     from workflows.types import FunctionRunInput, FunctionRunResult
 
-FUNCTION_FAILED = "FunctionFailed"
-PERMANENT_TOOL_ERROR = "PermanentToolError"
 # Above the default wall time of a call (CHAINLOOM_JS_WALL_TIMEOUT, 60 s), which the
 # activity enforces itself; this only catches a worker that vanished mid-call.
 RUN_TIMEOUT = timedelta(seconds=150)
 
 
-@workflow.defn(name="FunctionWorkflow")
+@workflow.defn(name=FUNCTION_WORKFLOW)
 class FunctionWorkflow:
     @workflow.run
     async def run(self, params: FunctionRunInput) -> FunctionRunResult:
@@ -30,7 +35,7 @@ class FunctionWorkflow:
             params = dataclasses.replace(params, workflow_id=workflow.info().workflow_id)
         try:
             return await workflow.execute_activity(
-                "js_run",
+                JS_RUN,
                 params,
                 result_type=FunctionRunResult,
                 start_to_close_timeout=RUN_TIMEOUT,
@@ -44,15 +49,6 @@ class FunctionWorkflow:
             )
         except ActivityError as err:
             # Fail the run with the function's own message (not "activity task failed").
-            raise ApplicationError(_message(err), type=FUNCTION_FAILED, non_retryable=True) from err
-
-
-def _message(err: ActivityError) -> str:
-    cause: BaseException | None = err.cause
-    while isinstance(cause, FailureError) and not isinstance(cause, ApplicationError):
-        if cause.cause is None:
-            break
-        cause = cause.cause
-    if cause is None:
-        return str(err)
-    return getattr(cause, "message", None) or str(cause)
+            raise ApplicationError(
+                failure_message(err), type=FUNCTION_FAILED, non_retryable=True
+            ) from err

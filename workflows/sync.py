@@ -10,15 +10,16 @@ from typing import Any
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 
-SYNC_ACTIVITY = "sync_backends"
+with workflow.unsafe.imports_passed_through():
+    from workflows.contracts import STATE_SYNC_WORKFLOW, SYNC_BACKENDS
 
 
-@workflow.defn(name="StateSyncWorkflow")
+@workflow.defn(name=STATE_SYNC_WORKFLOW)
 class StateSyncWorkflow:
     @workflow.run
     async def run(self) -> dict[str, Any]:
         result: dict[str, Any] = await workflow.execute_activity(
-            SYNC_ACTIVITY,
+            SYNC_BACKENDS,
             start_to_close_timeout=timedelta(minutes=5),
             retry_policy=RetryPolicy(maximum_attempts=2),
         )

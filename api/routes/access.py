@@ -24,7 +24,7 @@ from api.deps import (
     parse_cursor,
 )
 from api.errors import APIError
-from core.access import LEVELS, RANK, RESOURCE_TYPES
+from core.identity.permissions import LEVELS, RANK, RESOURCE_TYPES
 from core.models import AccessEntryRow, ApiKeyRow, MembershipRow, UserRow, rfc3339, utcnow
 
 router = APIRouter(tags=["access-control"])

@@ -14,9 +14,9 @@ from sqlmodel import col, select
 
 from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
 from api.errors import APIError, not_found
-from api.runs import get_run_row, run_view
+from api.run_service import get_run_row, run_view
+from core.metering.request_log import MUTATING
 from core.models import BackendRow, BackendStateRow, RequestLogRow, as_utc, rfc3339
-from core.request_log import MUTATING
 
 router = APIRouter(tags=["activity"])
 

@@ -14,8 +14,8 @@ from sqlmodel import Session
 from api.deps import Principal, PrincipalDep, StateDep, levels_everywhere, owned, tenant_page
 from api.errors import APIError
 from api.fields import a_name
-from core.access import RANK, RESOURCE_TYPES, SCOPE_LEVELS, valid_scope
-from core.identity import new_api_key
+from core.identity.credentials import new_api_key
+from core.identity.permissions import RANK, RESOURCE_TYPES, SCOPE_LEVELS, valid_scope
 from core.models import ApiKeyRow, rfc3339, utcnow
 
 router = APIRouter(tags=["api-keys"])

@@ -14,11 +14,11 @@ from api.deps import PrincipalDep, StateDep, owned, tenant_page
 from api.errors import APIError
 from api.routes.groups import remove_memberships
 from api.routes.providers import BoxDep
-from core.backends import to_ref
-from core.downloads import cancel_downloads
+from core.backends.downloads import cancel_downloads
+from core.backends.keys import provider_api_keys
+from core.backends.providers import ProviderClients, ProviderError
+from core.backends.refs import to_ref
 from core.models import BackendRow, BackendStateRow, rfc3339, utcnow
-from core.provider_keys import provider_api_keys
-from core.providers import ProviderClients, ProviderError
 
 router = APIRouter(tags=["backends"])
 log = logging.getLogger(__name__)

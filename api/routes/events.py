@@ -1,8 +1,8 @@
 """/events, /raw-events, /ingest, /mapping(s), /replay, /sync: the event store (seed 003).
 
-The logic lives in core/events.py (shared with the JS ``sendEvent`` builtin on workers); the
+The logic lives in core/events/store.py (shared with the JS ``sendEvent`` builtin on workers); the
 routes translate HTTP to it. Appends answer right after the commit: trigger functions are
-started in the background (core/triggers.py).
+started in the background (core/events/triggers.py).
 """
 
 import asyncio
@@ -17,8 +17,9 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import PrincipalDep, StateDep
 from api.errors import APIError
-from core import events as store
-from core.events import EventError, MappingConfig
+from core.events import dispatch, mappings, queries, raw, store
+from core.events.mappings import MappingConfig
+from core.events.store import EventError
 
 router = APIRouter(tags=["events"])
 
@@ -30,7 +31,7 @@ _ORDER = Query(None, description="desc (newest first, the default) or asc.")
 
 @contextmanager
 def event_errors() -> Iterator[None]:
-    """core.events refuses with EventError; the API answers with the shared error shape."""
+    """core.events.store refuses with EventError; the API answers with the shared error shape."""
     try:
         yield
     except EventError as err:
@@ -101,7 +102,7 @@ class RawEventOut(BaseModel):
 async def append_event(body: EventIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
     event = body.model_dump(exclude={"nid"})
     with event_errors():
-        return await store.append_and_dispatch(
+        return await dispatch.append_and_dispatch(
             state.db,
             state.temporal.get,
             state.settings,
@@ -128,7 +129,7 @@ async def events_by_type(
 ) -> list[dict[str, Any]]:
     with event_errors():
         return await asyncio.to_thread(
-            store.events_by_type,
+            queries.events_by_type,
             state.db,
             principal.tenant_id,
             event_type,
@@ -156,7 +157,7 @@ async def events_by_source(
 ) -> list[dict[str, Any]]:
     with event_errors():
         return await asyncio.to_thread(
-            store.events_by_source,
+            queries.events_by_source,
             state.db,
             principal.tenant_id,
             event_source,
@@ -186,7 +187,7 @@ async def events_by_aggregate(
 ) -> list[dict[str, Any]]:
     with event_errors():
         return await asyncio.to_thread(
-            store.events_by_aggregate,
+            queries.events_by_aggregate,
             state.db,
             principal.tenant_id,
             aggregate_type,
@@ -213,7 +214,7 @@ async def event_types(
 ) -> list[str]:
     with event_errors():
         return await asyncio.to_thread(
-            store.event_types, state.db, principal.tenant_id, start, end, limit
+            queries.event_types, state.db, principal.tenant_id, start, end, limit
         )
 
 
@@ -232,7 +233,7 @@ async def delete_events_by_type(
 ) -> str:
     with event_errors():
         count = await asyncio.to_thread(
-            store.delete_events_by_type, state.db, principal.tenant_id, event_type, start, end
+            queries.delete_events_by_type, state.db, principal.tenant_id, event_type, start, end
         )
     return f"deleted {count} events of type {event_type}"
 
@@ -275,7 +276,7 @@ async def stream_events(
     if after is None:
         # Fixed before the answer starts, so whatever is appended once the client sees the
         # response headers is on the stream.
-        after = await asyncio.to_thread(store.latest_nid, state.db)
+        after = await asyncio.to_thread(queries.latest_nid, state.db)
     db, tenant, interval = state.db, principal.tenant_id, state.settings.event_poll_interval
 
     async def messages() -> AsyncIterator[ServerSentEvent]:
@@ -285,7 +286,7 @@ async def stream_events(
         while True:
             # API and workers are separate processes: the database is the only place that
             # sees every append, so the stream polls it (an indexed tail read, see core).
-            batch = await asyncio.to_thread(store.events_after, db, tenant, eventType, cursor)
+            batch = await asyncio.to_thread(queries.events_after, db, tenant, eventType, cursor)
             for event in batch:
                 cursor = event["nid"]
                 yield ServerSentEvent(data=json.dumps(event), id=str(cursor))
@@ -312,7 +313,7 @@ async def list_raw_events(
 ) -> list[dict[str, Any]]:
     with event_errors():
         return await asyncio.to_thread(
-            store.list_raw_events, state.db, principal.tenant_id, start, end, limit
+            raw.list_raw_events, state.db, principal.tenant_id, start, end, limit
         )
 
 
@@ -327,7 +328,7 @@ async def create_raw_event(
 ) -> dict[str, Any]:
     with event_errors():
         return await asyncio.to_thread(
-            store.store_raw_event, state.db, principal.tenant_id, body.model_dump(exclude={"nid"})
+            raw.store_raw_event, state.db, principal.tenant_id, body.model_dump(exclude={"nid"})
         )
 
 
@@ -345,7 +346,7 @@ async def get_raw_event(
 ) -> dict[str, Any]:
     with event_errors():
         return await asyncio.to_thread(
-            store.get_raw_event, state.db, principal.tenant_id, nid, start, end
+            raw.get_raw_event, state.db, principal.tenant_id, nid, start, end
         )
 
 
@@ -366,7 +367,7 @@ async def ingest(
     payload: Any = Body(None),
 ) -> dict[str, Any]:
     with event_errors():
-        return await store.ingest(
+        return await raw.ingest(
             state.db,
             state.temporal.get,
             state.settings,
@@ -384,7 +385,7 @@ async def ingest(
     summary="Lists all configured event mappings, sorted by path.",
 )
 async def list_mappings(state: StateDep, principal: PrincipalDep) -> list[MappingConfig]:
-    return await asyncio.to_thread(store.list_mappings, state.db, principal.tenant_id)
+    return await asyncio.to_thread(mappings.list_mappings, state.db, principal.tenant_id)
 
 
 @router.post(
@@ -398,7 +399,7 @@ async def create_mapping(
     body: MappingConfig, state: StateDep, principal: PrincipalDep
 ) -> MappingConfig:
     with event_errors():
-        return await asyncio.to_thread(store.create_mapping, state.db, principal.tenant_id, body)
+        return await asyncio.to_thread(mappings.create_mapping, state.db, principal.tenant_id, body)
 
 
 @router.get(
@@ -411,7 +412,7 @@ async def get_mapping(
     state: StateDep, principal: PrincipalDep, path: str | None = Query(None)
 ) -> MappingConfig:
     with event_errors():
-        return await asyncio.to_thread(store.get_mapping, state.db, principal.tenant_id, path)
+        return await asyncio.to_thread(mappings.get_mapping, state.db, principal.tenant_id, path)
 
 
 @router.put(
@@ -426,7 +427,7 @@ async def update_mapping(
 ) -> MappingConfig:
     with event_errors():
         return await asyncio.to_thread(
-            store.update_mapping, state.db, principal.tenant_id, path, body
+            mappings.update_mapping, state.db, principal.tenant_id, path, body
         )
 
 
@@ -437,7 +438,7 @@ async def delete_mapping(
     state: StateDep, principal: PrincipalDep, path: str | None = Query(None)
 ) -> str:
     with event_errors():
-        await asyncio.to_thread(store.delete_mapping, state.db, principal.tenant_id, path)
+        await asyncio.to_thread(mappings.delete_mapping, state.db, principal.tenant_id, path)
     return "mapping removed"
 
 
@@ -457,12 +458,12 @@ async def replay(
     end: str | None = _TO,
 ) -> dict[str, Any]:
     with event_errors():
-        return await store.replay(
+        return await raw.replay(
             state.db,
             state.temporal.get,
             state.settings,
             principal.tenant_id,
-            store.required(nid, "nid"),
+            queries.required(nid, "nid"),
             start,
             end,
         )
@@ -474,5 +475,5 @@ async def replay(
     summary="Refreshes the mapping cache from the underlying storage.",
 )
 async def sync_mappings(state: StateDep, principal: PrincipalDep) -> str:
-    count = await asyncio.to_thread(store.sync_mappings, state.db, principal.tenant_id)
+    count = await asyncio.to_thread(mappings.sync_mappings, state.db, principal.tenant_id)
     return f"mappings synced: {count}"

@@ -16,8 +16,8 @@ from sqlmodel import select
 from api.deps import PrincipalDep, StateDep, tenant_page
 from api.errors import APIError, not_found
 from core.config import Settings
-from core.jsrunner import JSError, runner_for
 from core.models import EventTriggerRow, FunctionRow, rfc3339, utcnow
+from core.sandbox.pool import JSError, runner_for
 
 router = APIRouter(tags=["functions"])
 

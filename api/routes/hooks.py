@@ -15,11 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
 from api.errors import APIError, not_found
 from api.routes.providers import BoxDep
-from core.hooks import (
+from core.hooks.openapi import SchemaCache, SchemaError
+from core.hooks.store import (
     LOCAL_HOOKS,
     HookExists,
-    SchemaCache,
-    SchemaError,
     decrypt_headers,
     delete_hook,
     encrypt_headers,

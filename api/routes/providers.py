@@ -13,8 +13,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
 from api.errors import APIError, not_found
-from core.models import ProviderConfigRow, rfc3339
-from core.provider_keys import (
+from core.backends.keys import (
     PROVIDER_TYPES,
     ProviderConfigExists,
     delete_provider_key,
@@ -24,6 +23,7 @@ from core.provider_keys import (
     normalize_provider_type,
     set_provider_key,
 )
+from core.models import ProviderConfigRow, rfc3339
 from core.secrets import SecretBox
 
 router = APIRouter(tags=["providers"])

@@ -23,16 +23,16 @@ from temporalio.service import RPCError
 
 from api.deps import AppState, PrincipalDep, StateDep
 from api.errors import APIError, not_found
-from core.backends import to_ref
-from core.downloads import (
+from core.backends.downloads import (
     BackendQueue,
     cancel_downloads,
     download_missing,
     enqueue_download,
     queue_state,
 )
+from core.backends.providers import same_model
+from core.backends.refs import to_ref
 from core.models import BackendRow, GroupBackendRow
-from core.providers import same_model
 from workflows.download_types import DownloadOptions
 
 log = logging.getLogger("chainloom.api.queue")

@@ -13,7 +13,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
 from api.errors import APIError, error_body
-from api.runs import (
+from api.run_service import (
     FINAL,
     RunCreated,
     TaskExecutionRequest,

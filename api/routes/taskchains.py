@@ -4,7 +4,7 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Query
 
-from api.chains import chain_json, validate_chain
+from api.chain_validation import chain_json, validate_chain
 from api.deps import PrincipalDep, StateDep, tenant_page
 from api.errors import APIError, not_found
 from chains.schema import chain_json_schema

@@ -22,8 +22,8 @@ from api.deps import (
 )
 from api.errors import not_found
 from api.fields import a_name
+from core.metering.ratelimit import parse_limit
 from core.models import TenantRow, rfc3339, utcnow
-from core.ratelimit import parse_limit
 
 router = APIRouter(tags=["tenants"])
 

@@ -1,6 +1,6 @@
 """/event-triggers: run a stored function whenever an event of a type is appended (seed 003).
 
-Dispatch itself is in core/triggers.py; this module only stores the definitions.
+Dispatch itself is in core/events/triggers.py; this module only stores the definitions.
 """
 
 from typing import Any, Literal
@@ -12,8 +12,8 @@ from sqlmodel import Session, col, select
 
 from api.deps import PrincipalDep, StateDep, tenant_page
 from api.errors import APIError, not_found
+from core.events.triggers import trigger_json
 from core.models import EventTriggerRow, FunctionRow, utcnow
-from core.triggers import trigger_json
 
 router = APIRouter(tags=["event-triggers"])
 

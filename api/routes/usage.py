@@ -8,9 +8,9 @@ from pydantic import BaseModel
 
 from api.deps import PrincipalDep, StateDep, identity_counter
 from api.errors import not_found
+from core.metering.ratelimit import Verdict
+from core.metering.usage import period_reset, tenant_periods
 from core.models import rfc3339
-from core.ratelimit import Verdict
-from core.usage import period_reset, tenant_periods
 
 router = APIRouter(tags=["usage"])
 

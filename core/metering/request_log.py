@@ -18,9 +18,9 @@ from sqlalchemy import delete
 from sqlalchemy.exc import OperationalError
 from sqlmodel import col
 
-from core.access import SEGMENT_TYPES, STARTS_RUNS
 from core.background import Flusher
 from core.db import Database
+from core.identity.permissions import SEGMENT_TYPES, STARTS_RUNS
 from core.models import RequestLogRow, utcnow
 
 log = logging.getLogger("chainloom.request_log")

@@ -8,10 +8,10 @@ from collections.abc import Mapping
 
 from sqlmodel import col, select
 
+from core.backends.keys import provider_api_keys
+from core.backends.providers import BackendRef
 from core.db import Database
 from core.models import BackendRow
-from core.provider_keys import provider_api_keys
-from core.providers import BackendRef
 from core.secrets import SecretBox
 
 
@@ -27,7 +27,7 @@ def backend_refs(db: Database, tenant_id: str, box: SecretBox | None = None) -> 
 
 
 def to_ref(row: BackendRow, keys: Mapping[str, str] | None = None) -> BackendRef:
-    """`keys` maps provider type to API key (core.provider_keys.provider_api_keys)."""
+    """`keys` maps provider type to API key (core.backends.keys.provider_api_keys)."""
     return BackendRef(
         id=row.id,
         name=row.name,

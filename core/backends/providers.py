@@ -12,8 +12,6 @@ import httpx
 import ollama
 import openai
 
-# gemini is served through its OpenAI-compatible endpoint, like openai and vllm.
-BACKEND_TYPES = ("ollama", "openai", "vllm", "gemini")
 # HTTP statuses worth another try later or on another backend.
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 

@@ -1,4 +1,4 @@
-"""Runs JavaScript functions in a small pool of host processes (see core/js_host.py).
+"""Runs JavaScript functions in a small pool of host processes (see core/sandbox/host.py).
 
 Each call gets a fresh V8 isolate in one of the hosts; the caller's event loop only waits on a
 pipe. A host that dies mid-call (V8 aborts the process on some out-of-memory paths) or that
@@ -37,9 +37,9 @@ from core.config import Settings
 
 log = logging.getLogger("chainloom.js")
 
-HOST_SCRIPT = Path(__file__).with_name("js_host.py")
+HOST_SCRIPT = Path(__file__).with_name("host.py")
 FRAME = struct.Struct(">I")
-# Must match core/js_host.py.
+# Must match core/sandbox/host.py.
 EXIT_MEMORY = 86
 # Time a host gets past a limit to stop the script itself before it is killed.
 GRACE = 1.0

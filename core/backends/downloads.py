@@ -21,22 +21,24 @@ from temporalio.client import (
     WorkflowQueryFailedError,
     WorkflowQueryRejectedError,
 )
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError, RPCStatusCode
 
-from core.providers import BackendRef, same_model
-from workflows.download_types import (
+from core.backends.providers import BackendRef, same_model
+from workflows.contracts import (
     CANCEL_SIGNAL,
     DOWNLOAD_WORKFLOW,
     ENQUEUE_SIGNAL,
-    PULL_ACTIVITY,
+    OLLAMA_PULL,
     QUEUE_QUERY,
+    TENANT_ID,
+    search_attributes,
+)
+from workflows.download_types import (
     DownloadOptions,
     DownloadQueueInput,
     DownloadRequest,
     download_workflow_id,
 )
-from workflows.search import RUN_KIND, TENANT_ID
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +86,7 @@ async def enqueue_download(
         task_queue=task_queue,
         start_signal=ENQUEUE_SIGNAL,
         start_signal_args=[DownloadRequest(model=model)],
-        search_attributes=TypedSearchAttributes(
-            [
-                SearchAttributePair(TENANT_ID, tenant_id),
-                SearchAttributePair(RUN_KIND, RUN_KIND_DOWNLOAD),
-            ]
-        ),
+        search_attributes=search_attributes(tenant_id, RUN_KIND_DOWNLOAD),
         static_summary=f"model downloads on backend {backend_name or backend_id}",
     )
 
@@ -200,7 +197,7 @@ async def _one_queue(client: Client, backend_id: str) -> BackendQueue:
 async def _heartbeat(client: Client, pending: Sequence[Any]) -> dict[str, Any] | None:
     """The pull's last progress, from the pending activity's heartbeat details."""
     for activity in pending:
-        if activity.activity_type.name != PULL_ACTIVITY:
+        if activity.activity_type.name != OLLAMA_PULL:
             continue
         info: dict[str, Any] = {"attempt": activity.attempt}
         if activity.attempt > 1 and activity.HasField("last_failure"):

@@ -1,7 +1,6 @@
 """Starting chain runs as workflows and reading them back."""
 
 import asyncio
-import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -13,18 +12,17 @@ from temporalio.client import (
     WorkflowFailureError,
     WorkflowHandle,
 )
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.chains import chain_json, validate_chain
+from api.chain_validation import validate_chain
 from api.deps import AppState, Principal
 from api.errors import APIError, not_found
 from chains.spec import ChainDefinition
+from core.metering.request_log import note_run
 from core.models import RunRow, TaskChainRow, rfc3339, utcnow
-from core.request_log import note_run
-from workflows.search import CHAIN_ID, RUN_KIND, TENANT_ID
-from workflows.types import ChainRunInput, RunOptions
+from core.runs import start_chain_run
+from workflows.contracts import PROGRESS_QUERY
 
 FINAL = {"completed", "failed", "cancelled"}
 
@@ -76,46 +74,17 @@ async def start_run(
     state: AppState, principal: Principal, chain: ChainDefinition, body: TaskExecutionRequest
 ) -> tuple[RunRow, WorkflowHandle[Any, Any]]:
     client = await state.temporal.get()
-    settings = state.settings
-    run = RunRow(
-        tenant_id=principal.tenant_id,
-        workflow_id=f"chain-{chain.id}-{uuid.uuid4()}",
-        chain_id=chain.id,
-    )
-    params = ChainRunInput(
-        chain=chain_json(chain),
-        input=body.input,
+    run, handle = await start_chain_run(
+        state.db,
+        client,
+        state.settings,
+        principal.tenant_id,
+        chain,
+        body.input,
         input_type=body.input_type,
-        tenant_id=principal.tenant_id,
-        options=RunOptions(
-            llm_max_attempts=settings.llm_max_attempts,
-            llm_timeout=settings.llm_timeout,
-            llm_heartbeat_timeout=settings.llm_heartbeat_timeout,
-        ),
     )
-    handle = await client.start_workflow(
-        "ChainWorkflow",
-        params,
-        id=run.workflow_id,
-        task_queue=settings.task_queue,
-        search_attributes=TypedSearchAttributes(
-            [
-                SearchAttributePair(CHAIN_ID, chain.id),
-                SearchAttributePair(TENANT_ID, principal.tenant_id),
-                SearchAttributePair(RUN_KIND, "chain"),
-            ]
-        ),
-        static_summary=f"chain {chain.id}",
-    )
-    await asyncio.to_thread(_insert, state, run)
     note_run(run.id)
     return run, handle
-
-
-def _insert(state: AppState, run: RunRow) -> None:
-    with state.db.session() as session:
-        session.add(run)
-        session.commit()
 
 
 def get_run_row(state: AppState, principal: Principal, run_id: str) -> RunRow:
@@ -179,7 +148,7 @@ async def run_view(state: AppState, client: Client, row: RunRow) -> dict[str, An
     status = _STATUS.get(desc.status or WorkflowExecutionStatus.RUNNING, "running")
     if status == "running":
         try:
-            progress = await handle.query("progress", rpc_timeout=timedelta(seconds=5))
+            progress = await handle.query(PROGRESS_QUERY, rpc_timeout=timedelta(seconds=5))
             status = progress.get("status", "running")
             if status in FINAL:
                 # It finished between describe and query; the next read carries the result.

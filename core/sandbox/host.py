@@ -1,6 +1,6 @@
 """A JavaScript host process: runs one call at a time, each in a fresh mini-racer isolate.
 
-`core.jsrunner` starts a few of these and talks to each over its stdin/stdout with
+`core.sandbox.pool` starts a few of these and talks to each over its stdin/stdout with
 length-prefixed JSON frames. JavaScript runs here, not in the worker, because V8 answers some
 allocations (``new Array(1e9).fill(1)``) by aborting the whole process: when that happens only
 this process dies, and the runner replaces it.
@@ -16,7 +16,7 @@ SharedArrayBuffer and invokes a mini-racer callback; V8 runs that callback on it
 and waits for it, so the callback can ask the parent over the pipe, write the answer into the
 same buffer and return, and the JavaScript reads the answer as a plain return value.
 
-This file is run as a script (``python -I core/js_host.py CONFIG``) and imports nothing from
+This file is run as a script (``python -I core/sandbox/host.py CONFIG``) and imports nothing from
 chainloom, so a host starts fast and holds no settings, secrets or database handles.
 """
 

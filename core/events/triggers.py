@@ -14,19 +14,18 @@ from typing import Any
 
 from sqlmodel import col, select
 from temporalio.client import Client
-from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
+from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from core.config import Settings
 from core.db import Database
-from core.events import ClientSource, append_system_event, event_json
+from core.events.store import ClientSource, append_system_event, event_json
 from core.models import EventRow, EventTriggerRow, rfc3339
-from workflows.search import RUN_KIND, TENANT_ID
+from workflows.contracts import FUNCTION_WORKFLOW, search_attributes
 from workflows.types import FunctionRunInput
 
 log = logging.getLogger("chainloom.triggers")
 
-FUNCTION_WORKFLOW = "FunctionWorkflow"
 DEPTH_EXCEEDED = "chainloom.trigger.depth_exceeded"
 DISPATCH_FAILED = "chainloom.trigger.dispatch_failed"
 # Events the dispatcher records about itself; they never fire triggers, so a trigger error
@@ -171,12 +170,7 @@ async def _start(
             id=workflow_id,
             task_queue=settings.task_queue,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(TENANT_ID, tenant_id),
-                    SearchAttributePair(RUN_KIND, "function"),
-                ]
-            ),
+            search_attributes=search_attributes(tenant_id, "function"),
             static_summary=(
                 f"function {trigger.function_name} on {event['event_type']} "
                 f"(trigger {trigger.name})"
