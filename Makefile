@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint fmt bench fuzz clean
+.PHONY: dev test lint fmt bench fuzz histories clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ FUZZ_EXAMPLES ?= 50
 FUZZ_ARGS ?=
 fuzz: $(STAMP)
 	$(BIN)/python -m tests.fuzz --examples $(FUZZ_EXAMPLES) $(FUZZ_ARGS)
+
+# Record a history of every workflow type with the current code, for tests/test_histories.py
+# (docs/workflows.md: only after a change to a workflow's decisions, put behind a patch).
+histories: $(STAMP)
+	$(BIN)/python -m tests.histories.record
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .
