@@ -33,7 +33,7 @@ from core.db import Database
 from core.events.dispatch import append_and_dispatch
 from core.events.store import EventError
 from core.models import FunctionRow, TaskChainRow
-from core.runs import start_chain_run
+from core.runs import RunInputTooLarge, start_chain_run
 from core.sandbox.pool import JSError, JSRunner, runner_for
 from workflows.contracts import (
     JS_HOST_CRASHED,
@@ -312,19 +312,23 @@ class Builtins:
         except ChainError as err:
             raise BuiltinError(f"task chain {chain_id!r} is not valid: {err}") from err
         client = await self._temporal()
-        run, handle = await start_chain_run(
-            functions.db,
-            client,
-            functions.settings,
-            req.tenant_id,
-            chain,
-            chain_input,
-            input_type="string" if isinstance(chain_input, str) else "json",
-            # Derived from this activity: a retried attempt finds the run its first one started.
-            workflow_id=chain_workflow_id(chain.id, self._stable_id("chain")),
-            summary=f"chain {chain.id} (from JS function {req.function})",
-            existing_ok=True,
-        )
+        try:
+            run, handle = await start_chain_run(
+                functions.db,
+                client,
+                functions.settings,
+                req.tenant_id,
+                chain,
+                chain_input,
+                input_type="string" if isinstance(chain_input, str) else "json",
+                # Derived from this activity: a retried attempt finds the run its first one
+                # started.
+                workflow_id=chain_workflow_id(chain.id, self._stable_id("chain")),
+                summary=f"chain {chain.id} (from JS function {req.function})",
+                existing_ok=True,
+            )
+        except RunInputTooLarge as err:
+            raise BuiltinError(str(err)) from err
         workflow_id = run.workflow_id
         try:
             result = await asyncio.wait_for(handle.result(), max(left, 0.001))

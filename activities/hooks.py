@@ -40,9 +40,8 @@ from core.hooks.store import (
     ToolArgumentError,
     function_tools,
     load_remote_hook,
-    scrub,
 )
-from core.secrets import SecretBox
+from core.secrets import SecretBox, scrub
 from workflows.contracts import HOOK_CALL, HOOK_TOOLS, PERMANENT_TOOL_ERROR, TOOL_UNAVAILABLE
 from workflows.types import (
     FunctionRunInput,
@@ -264,7 +263,8 @@ class HookActivities:
             permanent(message)
         if resp.status < 400:
             return resp
-        detail = scrub(resp.text[:300].strip(), secrets)
+        # Scrubbed before it is cut: a cut through an echoed secret would leave part of it.
+        detail = scrub(resp.text, secrets)[:300].strip()
         message = f"{label}: {method} answered HTTP {resp.status}" + (
             f": {detail}" if detail else ""
         )

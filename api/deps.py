@@ -13,6 +13,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from sqlmodel import Session, col, select
 from temporalio.client import Client
 
+from api import proxies
 from api.errors import APIError, not_found
 from core.config import Settings
 from core.db import Database
@@ -381,7 +382,9 @@ async def require_system_admin(principal: PrincipalDep) -> Principal:
 
 
 def _client_host(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    """The client's address as per-address counters know it: the peer, or what a trusted
+    proxy says (api/proxies.py; the middleware has put it in request.client)."""
+    return proxies.rate_key(request.client.host) if request.client else "unknown"
 
 
 async def _count_failed_auth(request: Request, state: AppState) -> None:

@@ -168,7 +168,7 @@ def install(app: FastAPI) -> None:
         except ValueError:
             phrase = "error"
         message = exc.detail if isinstance(exc.detail, str) else phrase
-        code = phrase.lower().replace(" ", "_")
+        code = getattr(exc, "code", None) or phrase.lower().replace(" ", "_")
         return JSONResponse(
             error_body(exc.status_code, code, message),
             status_code=exc.status_code,

@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         title="chainloom", version="0.1.0", description=API_DESCRIPTION, lifespan=lifespan
     )
     errors.install(app)
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, settings=settings)
     for module in (ops, auth):
         app.include_router(module.public_router)
     secured = [Depends(require_auth)]

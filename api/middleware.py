@@ -4,16 +4,21 @@ Dependencies put headers in scope["chainloom.headers"] (rate limits, usage); the
 to whatever response goes out, errors and 429s included. Authenticated requests are written
 to the request log (core/metering/request_log.py) when their response starts: changes before it is
 sent, so an answered change is always in the audit log.
+
+It also settles who the client is (api/proxies.py) and caps the request body as it streams in
+(api/body_limit.py), before any route runs.
 """
 
 import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
+from api import body_limit, proxies
 from api.errors import error_body
+from core.config import Settings, get_settings
 from core.metering import request_log
 
 Scope = MutableMapping[str, Any]
@@ -47,17 +52,18 @@ def _has_nul(scope: Scope) -> bool:
     return b"%00" in raw or b"\x00" in raw or "\x00" in scope.get("path", "")
 
 
-async def _refuse_nul(send: Send) -> None:
-    body = json.dumps(
-        error_body(400, "invalid_request", "the URL contains a NUL character (%00)")
-    ).encode()
+async def _refuse(
+    send: Send, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> None:
+    body = json.dumps(error_body(status, code, message)).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 400,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                *((k.lower().encode(), v.encode()) for k, v in (headers or {}).items()),
             ],
         }
     )
@@ -65,16 +71,21 @@ async def _refuse_nul(send: Send) -> None:
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings | None = None) -> None:
         self.app = app
+        settings = settings or get_settings()
+        self.proxies = proxies.TrustedProxies.parse(settings.trusted_proxies)
+        self.max_body = settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         if _has_nul(scope):
-            await _refuse_nul(send)
+            await _refuse(send, 400, "invalid_request", "the URL contains a NUL character (%00)")
             return
+        proxies.apply(scope, self.proxies)
+        receive = body_limit.limited(scope, receive, self.max_body)
         request_id = uuid.uuid4().hex
         scope["chainloom.request_id"] = request_id
         scope["chainloom.started"] = time.perf_counter()
@@ -100,6 +111,11 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except body_limit.BodyTooLarge as err:
+            # Read outside a route's error handling (a streaming response reading on).
+            if "chainloom.status" in scope:
+                raise
+            await _refuse(send_with_headers, 413, err.code, err.detail, err.headers)
         except Exception:
             if not logged:  # the server answers 500 outside this middleware
                 logged = True

@@ -21,7 +21,7 @@ from api.errors import APIError, not_found
 from chains.spec import ChainDefinition
 from core.metering.request_log import note_run
 from core.models import RunRow, TaskChainRow, rfc3339, utcnow
-from core.runs import start_chain_run
+from core.runs import RunInputTooLarge, start_chain_run
 from workflows.contracts import PROGRESS_QUERY
 
 FINAL = {"completed", "failed", "cancelled"}
@@ -74,15 +74,18 @@ async def start_run(
     state: AppState, principal: Principal, chain: ChainDefinition, body: TaskExecutionRequest
 ) -> tuple[RunRow, WorkflowHandle[Any, Any]]:
     client = await state.temporal.get()
-    run, handle = await start_chain_run(
-        state.db,
-        client,
-        state.settings,
-        principal.tenant_id,
-        chain,
-        body.input,
-        input_type=body.input_type,
-    )
+    try:
+        run, handle = await start_chain_run(
+            state.db,
+            client,
+            state.settings,
+            principal.tenant_id,
+            chain,
+            body.input,
+            input_type=body.input_type,
+        )
+    except RunInputTooLarge as err:
+        raise APIError(413, "run_input_too_large", str(err), param="input") from err
     note_run(run.id)
     return run, handle
 

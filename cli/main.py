@@ -111,7 +111,16 @@ def api(
     """Serve the HTTP API (production process)."""
     import uvicorn
 
-    uvicorn.run("api.main:app", host=host, port=port, workers=workers, log_level="info")
+    # The app decides itself whose X-Forwarded-For to believe (CHAINLOOM_TRUSTED_PROXIES);
+    # uvicorn's own handling would trust any loopback peer and rewrite the client first.
+    uvicorn.run(
+        "api.main:app",
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        proxy_headers=False,
+    )
 
 
 @app.command()

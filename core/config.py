@@ -93,6 +93,14 @@ class Settings(BaseSettings):
     # /activity and /audit entries older than this many days are deleted (0 keeps them all).
     request_log_days: float = Field(90.0, alias="CHAINLOOM_REQUEST_LOG_DAYS")
 
+    # Request limits (docs/operations.md): request bodies (413 beyond; per-route overrides in
+    # api/body_limit.py), the encoded chain and input of one run (Temporal refuses payloads
+    # over 2 MiB, and a run's result repeats its input several times), and the peers whose
+    # X-Forwarded-For/-Proto are believed (IPs or CIDRs).
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1, alias="CHAINLOOM_MAX_BODY_BYTES")
+    max_run_input_bytes: int = Field(256 * 1024, ge=1, alias="CHAINLOOM_MAX_RUN_INPUT_BYTES")
+    trusted_proxies: str = Field("", alias="CHAINLOOM_TRUSTED_PROXIES")
+
     # /ready checks Qdrant only when this is set.
     qdrant_url: str = Field("", alias="CHAINLOOM_QDRANT_URL")
     ready_timeout: float = Field(2.0, alias="CHAINLOOM_READY_TIMEOUT")

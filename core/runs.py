@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from chains.spec import ChainDefinition
 from core.config import Settings
@@ -21,6 +22,40 @@ from core.db import Database
 from core.models import RunRow
 from workflows.contracts import chain_workflow_id, start_chain_workflow
 from workflows.types import ChainRunInput, RunOptions
+
+
+class RunInputTooLarge(ValueError):
+    """The chain and input of a run encode to more than CHAINLOOM_MAX_RUN_INPUT_BYTES (or more
+    than Temporal accepts): refused before the workflow starts."""
+
+    def __init__(self, size: int, limit: int, *, refused_by_temporal: bool = False) -> None:
+        self.size = size
+        self.limit = limit
+        why = (
+            f"Temporal refused it as too large (CHAINLOOM_MAX_RUN_INPUT_BYTES={limit} is set "
+            "above what this Temporal server accepts)"
+            if refused_by_temporal
+            else f"over the limit of {limit} bytes (CHAINLOOM_MAX_RUN_INPUT_BYTES)"
+        )
+        super().__init__(
+            f"the chain definition and input of this run encode to {size} bytes, {why}: pass "
+            "large data by reference (a URL, an id) instead of inline"
+        )
+
+
+async def encoded_size(client: Client, params: Any) -> int:
+    """The bytes `params` takes as a workflow argument, after the client's converter and codec:
+    what Temporal measures against its payload limit (2 MiB per payload by default)."""
+    payloads = await client.data_converter.encode([params])
+    return sum(p.ByteSize() for p in payloads)
+
+
+def _too_large_for_temporal(err: RPCError) -> bool:
+    # Over the blob limit (INVALID_ARGUMENT), or over the 4 MB gRPC message (RESOURCE_EXHAUSTED).
+    text = err.message.lower()
+    return (err.status == RPCStatusCode.INVALID_ARGUMENT and "size exceeds" in text) or (
+        err.status == RPCStatusCode.RESOURCE_EXHAUSTED and "larger than max" in text
+    )
 
 
 def run_options(settings: Settings) -> RunOptions:
@@ -74,12 +109,6 @@ async def start_chain_run(
     identity; with `existing_ok` a second start with the same id finds the first run instead
     of failing, so a retry never starts a chain twice.
     """
-    row = RunRow(
-        tenant_id=tenant_id,
-        workflow_id=workflow_id or chain_workflow_id(chain.id),
-        chain_id=chain.id,
-    )
-    row = await asyncio.to_thread(_record, db, row, existing_ok)
     params = ChainRunInput(
         chain=chain.model_dump(mode="json"),
         input=input,
@@ -87,6 +116,15 @@ async def start_chain_run(
         tenant_id=tenant_id,
         options=run_options(settings),
     )
+    size = await encoded_size(client, params)
+    if size > settings.max_run_input_bytes:
+        raise RunInputTooLarge(size, settings.max_run_input_bytes)
+    row = RunRow(
+        tenant_id=tenant_id,
+        workflow_id=workflow_id or chain_workflow_id(chain.id),
+        chain_id=chain.id,
+    )
+    row = await asyncio.to_thread(_record, db, row, existing_ok)
     try:
         handle = await start_chain_workflow(
             client,
@@ -102,9 +140,14 @@ async def start_chain_run(
         if not existing_ok:
             raise
         handle = client.get_workflow_handle(row.workflow_id)
-    except BaseException:
+    except BaseException as err:
         # Nothing started: a row without a workflow would list a run that never existed.
         with contextlib.suppress(Exception):
             await asyncio.to_thread(_forget, db, row.id)
+        if isinstance(err, RPCError) and _too_large_for_temporal(err):
+            # CHAINLOOM_MAX_RUN_INPUT_BYTES set above what this Temporal accepts.
+            raise RunInputTooLarge(
+                size, settings.max_run_input_bytes, refused_by_temporal=True
+            ) from err
         raise
     return row, handle

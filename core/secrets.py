@@ -1,14 +1,21 @@
-"""Encryption at rest for provider API keys (Fernet).
+"""Encryption at rest for provider API keys and hook headers (Fernet), and how secrets are
+shown (mask) and kept out of outputs (scrub).
 
 The key comes from CHAINLOOM_SECRET_KEY (comma-separated Fernet keys: the first encrypts, all
 decrypt, so keys can be rotated); without it, one is generated once into the data directory.
 """
 
+import base64
 import hashlib
 import hmac
+import json
 import os
+import re
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote, quote_plus
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -58,8 +65,68 @@ class SecretBox:
             raise ValueError("stored secret cannot be decrypted with CHAINLOOM_SECRET_KEY") from err
 
 
+# A secret shorter than this is shown as **** alone: four characters of an 11-character
+# secret are a third of it.
+MASK_SHOWS_FROM = 16
+
+
 def mask(secret: str) -> str:
-    """Enough to recognise a key, never enough to use it."""
-    if len(secret) <= 8:
+    """Enough to recognise a key (its last 4 characters, when it is long), never enough to
+    use it."""
+    if len(secret) < MASK_SHOWS_FROM:
         return "****"
-    return f"{secret[:3]}...{secret[-4:]}"
+    return "****" + secret[-4:]
+
+
+# Shorter forms would mask innocent text too often (secrets under 4 characters are not
+# scrubbed at all: core/hooks/store.py).
+_MIN_FORM = 4
+
+
+def _base64_forms(raw: bytes, encode: Callable[[bytes], bytes]) -> set[str]:
+    whole = encode(raw).decode()
+    forms = {whole, whole.rstrip("=")}
+    # Inside a longer base64 text the secret starts at one of three byte offsets; at each,
+    # the characters made of its bits alone are the same whatever surrounds it.
+    for offset in range(3):
+        text = encode(b"\0" * offset + raw).decode()
+        start = -(-8 * offset // 6)
+        end = 8 * (offset + len(raw)) // 6
+        forms.add(text[start:end])
+    return forms
+
+
+def secret_forms(secret: str) -> list[str]:
+    """The secret and the ways a service might echo it encoded, longest first: base64
+    (standard and URL-safe, padded or not, alone or inside longer base64), hex (lower and upper
+    case), URL encoding (either escape case, `+` or `%20` for spaces) and JSON escaping."""
+    raw = secret.encode()
+    forms = {secret, raw.hex(), raw.hex().upper(), json.dumps(secret)[1:-1]}
+    forms |= _base64_forms(raw, base64.b64encode) | _base64_forms(raw, base64.urlsafe_b64encode)
+    for quoted in (quote(secret, safe=""), quote(secret), quote_plus(secret)):
+        forms |= {quoted, _PERCENT.sub(lambda m: m.group().lower(), quoted)}
+    return sorted((f for f in forms if len(f) >= _MIN_FORM), key=len, reverse=True)
+
+
+_PERCENT = re.compile(r"%[0-9A-F]{2}")
+
+
+def scrub(value: Any, secrets: Iterable[str]) -> Any:
+    """`value` with every secret, and each of its encoded forms, replaced by ****, in strings
+    (keys included) nested anywhere."""
+    forms = sorted({form for s in secrets if s for form in secret_forms(s)}, key=len, reverse=True)
+    return _scrub(value, forms) if forms else value
+
+
+def _scrub(value: Any, forms: list[str]) -> Any:
+    if isinstance(value, str):
+        # Longest first, so a longer form is never broken up by a shorter one inside it.
+        for form in forms:
+            if form in value:
+                value = value.replace(form, "****")
+        return value
+    if isinstance(value, list):
+        return [_scrub(v, forms) for v in value]
+    if isinstance(value, dict):
+        return {_scrub(k, forms): _scrub(v, forms) for k, v in value.items()}
+    return value

@@ -19,9 +19,9 @@ from activities.hooks import HookActivities, hidden_tool
 from core.config import Settings
 from core.db import Database
 from core.hooks.openapi import Hidden, SchemaCache, base_url, build_call, operations, schema_url
-from core.hooks.store import RemoteHook, ToolArgumentError, encrypt_headers, scrub
+from core.hooks.store import RemoteHook, ToolArgumentError, encrypt_headers
 from core.models import RemoteHookRow
-from core.secrets import SecretBox, mask
+from core.secrets import SecretBox, mask, scrub
 from tests.hook_service import ALLOWLIST, HookService, allowlisted_stack, clean, register
 from tests.stack import Stack
 from tests.test_api_resources import assert_error

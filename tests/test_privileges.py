@@ -273,7 +273,8 @@ def test_projects_follow_closed_registration(temporal_address: str, database_url
 
 
 def _from(ip: str) -> dict[str, str]:
-    # uvicorn trusts X-Forwarded-For from loopback, so each test client can be its own address.
+    # The API below trusts its loopback peer as a proxy (CHAINLOOM_TRUSTED_PROXIES), so each
+    # test client can be its own address.
     return {"X-Forwarded-For": ip}
 
 
@@ -287,7 +288,12 @@ def _limited(resp: httpx.Response) -> None:
 
 
 def test_failures_and_related_routes_share_counters(tmp_path: Path, temporal_address: str) -> None:
-    server = api(tmp_path, temporal_address, CHAINLOOM_LOGIN_RATE_LIMIT="3/minute")
+    server = api(
+        tmp_path,
+        temporal_address,
+        CHAINLOOM_LOGIN_RATE_LIMIT="3/minute",
+        CHAINLOOM_TRUSTED_PROXIES="127.0.0.1",
+    )
     try:
         with httpx.Client(base_url=server.url, timeout=60) as c:
             # (a) Guessing keys is counted per address, and answered 429 once over.

@@ -12,9 +12,9 @@ Local hooks need no registration: echo, print, webhook and js.
 Shared by api/routes/hooks.py and activities/hooks.py; nothing here touches Temporal.
 """
 
+import base64
 import json
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -62,8 +62,24 @@ class RemoteHook:
         return max(self.timeout_ms, 1) / 1000.0
 
     def secret_values(self) -> list[str]:
-        """Header values, to scrub from anything that could reach history or a model."""
-        return [v for v in self.headers.values() if len(v) >= 4]
+        """Header values, to scrub from anything that could reach history or a model: each
+        whole, and the credential of a "<scheme> <credential>" value on its own (a Basic
+        credential decoded too, and its password), as a service may echo just that part."""
+        values: list[str] = []
+        for value in self.headers.values():
+            values.append(value)
+            scheme, _, credential = value.partition(" ")
+            credential = credential.strip()
+            if not (credential and scheme.isalpha()):
+                continue
+            values.append(credential)
+            if scheme.lower() == "basic":
+                try:
+                    decoded = base64.b64decode(credential, validate=True).decode()
+                except ValueError:  # binascii.Error and UnicodeDecodeError alike
+                    continue
+                values += [decoded, decoded.partition(":")[2]]
+        return [v for v in dict.fromkeys(values) if len(v) >= 4]
 
 
 def valid_hook_name(name: str) -> bool:
@@ -229,19 +245,3 @@ def local_openapi(name: str) -> dict[str, Any]:
             }
         },
     }
-
-
-def scrub(value: Any, secrets: Iterable[str]) -> Any:
-    """`value` with every secret replaced by ****, in strings nested anywhere."""
-    words = [s for s in secrets if s]
-    if not words:
-        return value
-    if isinstance(value, str):
-        for word in words:
-            value = value.replace(word, "****")
-        return value
-    if isinstance(value, list):
-        return [scrub(v, words) for v in value]
-    if isinstance(value, dict):
-        return {scrub(k, words): scrub(v, words) for k, v in value.items()}
-    return value
