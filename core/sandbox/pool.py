@@ -602,8 +602,9 @@ def _wall_message(seconds: float) -> str:
 def _turn_message(seconds: float) -> str:
     return (
         f"the call waited {seconds:g} s for a turn at the JavaScript pool and was not run "
-        "(CHAINLOOM_JS_WALL_TIMEOUT); this tenant's functions were at "
-        "CHAINLOOM_JS_TENANT_CONCURRENCY, or the pool at CHAINLOOM_JS_POOL_MAX, all along"
+        "(CHAINLOOM_JS_WALL_TIMEOUT): the tenant's other functions held its share "
+        "(CHAINLOOM_JS_TENANT_CONCURRENCY), or all tenants together the whole pool "
+        "(CHAINLOOM_JS_POOL_MAX)"
     )
 
 
