@@ -17,6 +17,7 @@ from activities.sync import SyncActivities
 from core.backends.providers import ProviderClients
 from core.config import Settings, get_settings
 from core.db import Database
+from core.sandbox.pool import QUEUE_PER_HOST
 from core.schedules import ensure_state_sync
 from core.secrets import SecretBox
 from core.temporal import connect, ensure_search_attributes
@@ -84,6 +85,11 @@ def build_worker(
             *hooks.activities(),
             *functions.activities(),
         ],
+        # Temporal's default is 100. JS calls hold at most (1 + QUEUE_PER_HOST) x
+        # CHAINLOOM_JS_POOL_MAX of them (a host each, or a place in the pool's bounded queue;
+        # more are refused at once and retried), so at least half stay for model calls, hooks
+        # and the rest however many JS calls wait.
+        max_concurrent_activities=max(100, 2 * (1 + QUEUE_PER_HOST) * settings.js_pool_max),
         # Heartbeats reach the server at most this often (the SDK's default is 0.8 x the
         # heartbeat timeout, 4 s for a pull): model-pull progress is read from them.
         max_heartbeat_throttle_interval=timedelta(seconds=1),

@@ -36,6 +36,7 @@ from core.models import FunctionRow, TaskChainRow
 from core.runs import RunInputTooLarge, start_chain_run
 from core.sandbox.pool import JSError, JSRunner, runner_for
 from workflows.contracts import (
+    JS_BUSY,
     JS_HOST_CRASHED,
     JS_RUN,
     PERMANENT_TOOL_ERROR,
@@ -106,7 +107,14 @@ class FunctionActivities:
         run_key = f"{info.workflow_id}/{info.activity_id}" if info else str(uuid.uuid4())
         builtins = Builtins(self, req, workflow_id, run_key, client)
         try:
-            result = await self.runner().run(script, req.input, builtins=builtins)
+            result = await self.runner().run(
+                script,
+                req.input,
+                builtins=builtins,
+                tenant=req.tenant_id,
+                # Waiting for a turn at the pool can take a while: stay visibly alive.
+                beat=activity.heartbeat if in_activity else None,
+            )
         except JSError as err:
             message = f"JS function {req.function!r}: {err.message}"
             details = {"kind": err.kind, "logs": err.logs}
@@ -114,7 +122,8 @@ class FunctionActivities:
                 raise ApplicationError(
                     message, details, type=PERMANENT_TOOL_ERROR, non_retryable=True
                 ) from err
-            raise ApplicationError(message, details, type=JS_HOST_CRASHED) from err
+            kind = JS_BUSY if err.kind == "busy" else JS_HOST_CRASHED
+            raise ApplicationError(message, details, type=kind) from err
         return FunctionRunResult(result.value, result.logs, builtins.events)
 
 

@@ -60,12 +60,19 @@ class Settings(BaseSettings):
     event_poll_interval: float = Field(0.25, alias="CHAINLOOM_EVENT_POLL_INTERVAL")
 
     # JS functions (docs/functions.md): seconds of JavaScript per call (time spent waiting on
-    # builtins not counted), V8 memory per call, the whole call's wall time with builtins,
-    # and how many host processes run JavaScript at once per worker (and per API process).
+    # builtins not counted), V8 memory per call, the whole call's wall time with builtins and
+    # its wait for a turn, and the host processes per worker (and per API process): kept
+    # warm, and at most.
     js_timeout: float = Field(5.0, alias="CHAINLOOM_JS_TIMEOUT")
     js_memory_mb: int = Field(128, alias="CHAINLOOM_JS_MEMORY_MB")
     js_wall_timeout: float = Field(60.0, alias="CHAINLOOM_JS_WALL_TIMEOUT")
     js_pool_size: int = Field(2, alias="CHAINLOOM_JS_POOL_SIZE")
+    js_pool_max: int = Field(8, alias="CHAINLOOM_JS_POOL_MAX")
+    # Fairness: one tenant's calls running JavaScript at once per process, and how many more
+    # may wait for a turn; a host above the warm minimum goes after this long unneeded.
+    js_tenant_concurrency: int = Field(2, alias="CHAINLOOM_JS_TENANT_CONCURRENCY")
+    js_tenant_queue: int = Field(20, alias="CHAINLOOM_JS_TENANT_QUEUE")
+    js_pool_idle: float = Field(30.0, alias="CHAINLOOM_JS_POOL_IDLE")
 
     # Identity (docs/identity.md). JWTs are signed with this, else with a key derived from
     # CHAINLOOM_SECRET_KEY (or the generated one), so API processes agree without setup.

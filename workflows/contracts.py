@@ -58,6 +58,9 @@ PERMANENT_TOOL_ERROR = "PermanentToolError"
 TOOL_UNAVAILABLE = "ToolUnavailable"
 # A JS host process died under a call for a reason other than the script; retried.
 JS_HOST_CRASHED = "JSHostCrashed"
+# A JS call that never ran: its tenant's queue at the pool was full, or its turn did not come
+# within its wall time; retried.
+JS_BUSY = "JSBusy"
 # A model pull that can never succeed (unknown model, backend gone): not retried.
 PULL_FAILED = "ModelPullFailed"
 

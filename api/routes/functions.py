@@ -80,7 +80,7 @@ def _check_name(name: str) -> None:
         )
 
 
-async def _check(settings: Settings, body: FunctionIn) -> None:
+async def _check(settings: Settings, tenant_id: str, body: FunctionIn) -> None:
     if body.script_type not in SCRIPT_TYPES:
         raise APIError(
             422,
@@ -91,8 +91,15 @@ async def _check(settings: Settings, body: FunctionIn) -> None:
             errors=[{"field": "/scriptType", "message": "unsupported", "code": "invalid"}],
         )
     try:
-        await runner_for(settings).check(body.script)
+        await runner_for(settings).check(body.script, tenant=tenant_id)
     except JSError as err:
+        if err.kind == "busy":
+            raise APIError(
+                503,
+                "sandbox_busy",
+                f"could not check the script now: {err.message}",
+                headers={"Retry-After": "1"},
+            ) from err
         if err.kind != "syntax":
             raise APIError(
                 503, "sandbox_unavailable", f"could not check the script: {err.message}"
@@ -136,7 +143,7 @@ async def create_function(
     body: FunctionIn, state: StateDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     _check_name(body.name)
-    await _check(state.settings, body)
+    await _check(state.settings, principal.tenant_id, body)
     row = FunctionRow(
         tenant_id=principal.tenant_id,
         name=body.name,
@@ -186,7 +193,7 @@ async def update_function(
     name: str, body: FunctionIn, state: StateDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     await asyncio.to_thread(_load, state, principal.tenant_id, name)
-    await _check(state.settings, body)
+    await _check(state.settings, principal.tenant_id, body)
 
     def save() -> dict[str, Any]:
         with state.db.session() as session:

@@ -1,8 +1,14 @@
-"""Runs JavaScript functions in a small pool of host processes (see core/sandbox/host.py).
+"""Runs JavaScript functions in a pool of host processes (see core/sandbox/host.py).
 
 Each call gets a fresh V8 isolate in one of the hosts; the caller's event loop only waits on a
 pipe. A host that dies mid-call (V8 aborts the process on some out-of-memory paths) or that
 overruns its limits is killed and replaced, and the call fails with a clear `JSError`.
+
+The pool keeps `size` hosts warm (CHAINLOOM_JS_POOL_SIZE), grows up to `max_size`
+(CHAINLOOM_JS_POOL_MAX) while calls need more, and lets hosts above `size` go once they have
+not been needed for `shrink_after` seconds. Who gets a host when is decided by the fair queue
+(core/sandbox/fair.py): per-tenant caps and round robin across tenants, so one tenant's slow
+functions cannot hold up another's.
 
 Limits of a call:
 
@@ -34,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import Settings
+from core.sandbox.fair import Busy, FairQueue, Turn
 
 log = logging.getLogger("chainloom.js")
 
@@ -47,6 +54,10 @@ START_TIMEOUT = 30.0
 MAX_FRAME = 256 * 1024 * 1024
 
 BuiltinHandler = Callable[[str, list[Any], float], Awaitable[Any]]
+# Calls that may wait for a turn in one process, all tenants together, per host of the pool's
+# maximum: with the worker's activity slots sized from it (worker.py), waiting JS calls can
+# never take the slots other activity types need.
+QUEUE_PER_HOST = 4
 
 
 class JSError(Exception):
@@ -54,7 +65,8 @@ class JSError(Exception):
 
     kind: "syntax" (the script does not parse), "script" (it threw, or has no main),
     "timeout", "memory", "result" (the value cannot be returned), "crash" (the host died
-    for another reason; worth retrying).
+    for another reason; worth retrying), "busy" (the call never ran: its tenant's queue was
+    full, or its turn did not come in time; worth retrying later).
     """
 
     def __init__(self, kind: str, message: str, logs: list[str] | None = None) -> None:
@@ -65,7 +77,7 @@ class JSError(Exception):
 
     @property
     def permanent(self) -> bool:
-        return self.kind != "crash"
+        return self.kind not in ("crash", "busy")
 
 
 @dataclass
@@ -167,26 +179,16 @@ class _Host:
         if self.proc.stdin is not None and not self.proc.stdin.is_closing():
             self.proc.stdin.close()
 
+    async def retire(self) -> int:
+        """Let an idle host exit on its own (it finishes the isolate it is preparing)."""
+        self.close_nowait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.proc.wait()), START_TIMEOUT)
+        return await self.kill()
+
 
 class _HostGone(Exception):
     """The host was gone before it took the call."""
-
-
-class _Lease:
-    """A pool slot that a call may give back while it waits, and take again."""
-
-    def __init__(self, slots: asyncio.Semaphore) -> None:
-        self._slots = slots
-        self._held = False
-
-    async def take(self) -> None:
-        await self._slots.acquire()
-        self._held = True
-
-    def give(self) -> None:
-        if self._held:
-            self._held = False
-            self._slots.release()
 
 
 class JSRunner:
@@ -199,6 +201,11 @@ class JSRunner:
         memory_mb: int = 128,
         wall_timeout: float = 60.0,
         size: int = 2,
+        max_size: int = 8,
+        tenant_concurrency: int = 2,
+        tenant_queue: int = 20,
+        queue: int | None = None,
+        shrink_after: float = 30.0,
         prewarm: bool = True,
         idle_exit: float = 900.0,
         max_result_bytes: int = 1 << 20,
@@ -206,19 +213,34 @@ class JSRunner:
         self.timeout = timeout
         self.memory_mb = memory_mb
         self.wall_timeout = wall_timeout
-        self.size = max(1, size)
+        self.size = max(1, size)  # hosts kept warm
+        self.max_size = max(self.size, max_size)  # hosts at most, busy, idle or exiting
+        self.tenant_concurrency = max(1, tenant_concurrency)
+        self.shrink_after = shrink_after
         self.prewarm = prewarm
         # A host idle this long exits (and is started again when needed), so hosts of a runner
         # whose event loop went away do not linger.
         self.idle_exit = idle_exit
         self.max_result_bytes = max_result_bytes
+        self.fair = FairQueue(
+            hosts=self.max_size,
+            running=self.tenant_concurrency,
+            # Whatever one tenant holds (running, or waiting on builtins), another tenant
+            # still finds TENANT_CONCURRENCY hosts it cannot take.
+            tenant_hosts=max(self.tenant_concurrency, self.max_size - self.tenant_concurrency),
+            tenant_queue=tenant_queue,
+            queue=QUEUE_PER_HOST * self.max_size if queue is None else queue,
+        )
         # Least recently used first: with two hosts, one prepares its next isolate while the
         # other serves, so back-to-back calls never wait for an isolate to be created.
         self._idle: deque[_Host] = deque()
-        self._starting: list[asyncio.Task[_Host]] = []
+        self._starts: set[asyncio.Task[_Host]] = set()  # every host start in flight
+        self._starting: list[asyncio.Task[_Host]] = []  # the starts no call has claimed yet
         self._busy: set[_Host] = set()  # hosts in a call right now
-        self._slots: asyncio.Semaphore | None = None
-        self._reaping: set[asyncio.Future[int]] = set()
+        self._reaping: set[asyncio.Future[int]] = set()  # hosts on their way out
+        # The fewest idle hosts seen since the last shrink check: that many were not needed.
+        self._low_water = 0
+        self._shrink_timer: asyncio.TimerHandle | None = None
         self._closed = False
 
     # ------------------------------------------------------------------ public API
@@ -231,8 +253,14 @@ class JSRunner:
         builtins: BuiltinHandler | None = None,
         time_limit: float | None = None,
         wall_limit: float | None = None,
+        tenant: str = "",
+        beat: Callable[[], Any] | None = None,
     ) -> JSResult:
-        """Run `main(input)` of `script`; its JSON result, or JSError."""
+        """Run `main(input)` of `script`; its JSON result, or JSError.
+
+        `tenant` decides the call's place in the fair queue; `beat` is called every second
+        while the call waits for its turn (the js_run activity heartbeats with it).
+        """
         try:
             input_text = json.dumps(input)
         except (TypeError, ValueError) as err:
@@ -244,46 +272,53 @@ class JSRunner:
             "timeout": time_limit or self.timeout,
             "max_result": self.max_result_bytes,
         }
-        done = await self._call(message, builtins, time_limit, wall_limit)
+        done = await self._call(message, builtins, time_limit, wall_limit, tenant, beat)
         try:
             value = json.loads(done["result"]) if done.get("result") is not None else None
         except ValueError as err:
             raise JSError("result", f"the function's result is not JSON: {err}") from err
         return JSResult(value, list(done.get("logs") or []))
 
-    async def check(self, script: str) -> None:
+    async def check(self, script: str, *, tenant: str = "") -> None:
         """Raise JSError("syntax") when `script` does not parse. Runs none of it."""
-        await self._call({"op": "check", "script": script, "timeout": self.timeout}, None)
+        message = {"op": "check", "script": script, "timeout": self.timeout}
+        await self._call(message, None, tenant=tenant)
 
     async def warm(self) -> None:
         """Start the hosts now rather than on the first call."""
         while self._count() < self.size:
-            self._spare()
+            self._launch()
         await asyncio.gather(*self._starting, return_exceptions=True)
+
+    @property
+    def processes(self) -> int:
+        """Host processes of this pool: idle, starting, in a call, or exiting."""
+        return self._count()
 
     async def close(self) -> None:
         self._closed = True
+        if self._shrink_timer is not None:
+            self._shrink_timer.cancel()
         for task in self._starting:
             task.cancel()
+        await asyncio.gather(*self._starts, return_exceptions=True)
         hosts = list(self._idle)
         self._idle.clear()
-        await asyncio.gather(*(h.kill() for h in hosts), return_exceptions=True)
+        await asyncio.gather(*(h.kill() for h in hosts), *self._reaping, return_exceptions=True)
 
     # ------------------------------------------------------------------ the pool
 
-    def _slot(self) -> asyncio.Semaphore:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.size)
-        return self._slots
-
-    def _spare(self) -> None:
+    def _launch(self) -> None:
+        """Start a host in the background; it joins the idle ones unless a call claims it."""
         task = asyncio.ensure_future(_Host.start(self.memory_mb, self.prewarm, self.idle_exit))
+        self._starts.add(task)
         self._starting.append(task)
 
         def ready(done: asyncio.Task[_Host]) -> None:
             if done not in self._starting:
-                return  # claimed by a caller, who awaits it
+                return  # claimed by a call, which takes it from here
             self._starting.remove(done)
+            self._starts.discard(done)
             if done.cancelled() or done.exception() is not None:
                 return
             host = done.result()
@@ -291,44 +326,112 @@ class JSRunner:
                 host.close_nowait()
             else:
                 self._idle.append(host)
+                self._schedule_shrink()
 
         task.add_done_callback(ready)
 
-    def _count(self) -> int:
-        return len(self._idle) + len(self._starting) + len(self._busy)
+    async def _claim(self) -> _Host:
+        task = self._starting.pop(0)
+        try:
+            host = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The call was cancelled while its host started: the host goes to the pool.
+            if not task.done():
+                self._starting.append(task)
+            else:
+                self._starts.discard(task)
+                if not task.cancelled() and task.exception() is None:
+                    self._release(task.result(), True)
+            raise
+        except BaseException:
+            self._starts.discard(task)
+            raise
+        self._starts.discard(task)
+        return host
 
-    async def _acquire(self) -> _Host:
-        host: _Host | None = None
-        while self._idle and host is None:
-            candidate = self._idle.popleft()
-            if candidate.alive:
-                host = candidate
-        if host is None and self._starting:
-            host = await self._starting.pop(0)
-        if host is None:
-            host = await _Host.start(self.memory_mb, self.prewarm, self.idle_exit)
+    def _count(self) -> int:
+        return len(self._idle) + len(self._starts) + len(self._busy) + len(self._reaping)
+
+    def _top_up(self) -> None:
+        while not self._closed and self._count() < self.size:
+            self._launch()
+
+    async def _acquire(self, tenant: str) -> _Host:
+        """A host for a call that has its turn; the turn guarantees one is free or exiting."""
+        # The last idle host is left to a tenant with no other call in the pool: a tenant with
+        # several (loops that get their hosts killed and replaced, say) waits for a host of its
+        # own to start instead, so the next tenant to arrive finds one ready.
+        crowded = self.fair.tenant_figures(tenant)[1] > 1
+        while True:
+            host: _Host | None = None
+            while self._idle and host is None:
+                if (
+                    crowded
+                    and len(self._idle) == 1
+                    and (self._starting or self._count() < self.max_size)
+                ):
+                    break
+                candidate = self._idle.popleft()
+                if candidate.alive:
+                    host = candidate
+                else:
+                    self._retire(candidate, kill=True)  # exited on its own (idle timeout)
+            if host is None and not self._starting and self._count() < self.max_size:
+                self._launch()
+            if host is None and self._starting:
+                host = await self._claim()
+            if host is not None:
+                break
+            # Every process the maximum allows is busy or exiting: wait for one to exit.
+            if not self._reaping:
+                raise JSError("crash", "no JavaScript host is free; try again")
+            await asyncio.wait(set(self._reaping), return_when=asyncio.FIRST_COMPLETED)
         self._busy.add(host)
-        if self._count() < self.size:
-            # Grow to full size in the background: sequential calls alternate between hosts,
-            # so each host prepares its next isolate while another one serves.
-            self._spare()
+        self._low_water = min(self._low_water, len(self._idle))
+        if not self._idle and not self._starting and self._count() < self.max_size:
+            # Keep one host ready while calls come in, so the next caller (another tenant's,
+            # say) does not wait for a host to start.
+            self._launch()
+        self._top_up()
+        self._schedule_shrink()
         return host
 
     def _release(self, host: _Host, healthy: bool) -> None:
         self._busy.discard(host)
-        if healthy and host.alive and not self._closed and self._count() < self.size:
+        if healthy and host.alive and not self._closed:
             self._idle.append(host)
+            self._schedule_shrink()
             return
-        if host.alive:
-            if healthy:
-                host.close_nowait()  # an extra host, started while others waited on builtins
-            else:
-                task = asyncio.ensure_future(host.kill())
-                self._reaping.add(task)
-                task.add_done_callback(self._reaping.discard)
-        if not self._closed and self._count() < self.size:
-            # Replace it in the background, so the next call finds a host ready.
-            self._spare()
+        self._retire(host, kill=not healthy or not host.alive)
+        # The replacement starts once the old process is gone (see _reaped), so the pool never
+        # holds more than max_size processes.
+
+    def _retire(self, host: _Host, *, kill: bool) -> None:
+        task = asyncio.ensure_future(host.kill() if kill else host.retire())
+        self._reaping.add(task)
+        task.add_done_callback(self._reaped)
+
+    def _reaped(self, task: "asyncio.Future[int]") -> None:
+        self._reaping.discard(task)
+        self._top_up()
+
+    def _schedule_shrink(self) -> None:
+        if self._shrink_timer is None and not self._closed and self._count() > self.size:
+            self._low_water = len(self._idle)
+            loop = asyncio.get_running_loop()
+            self._shrink_timer = loop.call_later(self.shrink_after, self._shrink)
+
+    def _shrink(self) -> None:
+        """Let go of the hosts above the minimum that stayed idle for a whole period."""
+        self._shrink_timer = None
+        if self._closed:
+            return
+        spare = 1 if self._busy else 0  # under load, one stays ready (see _acquire)
+        surplus = min(self._count() - self.size, self._low_water - spare, len(self._idle))
+        for _ in range(max(0, surplus)):
+            # The most recently used: the others keep their least-recently-used order.
+            self._retire(self._idle.pop(), kill=False)
+        self._schedule_shrink()
 
     async def _call(
         self,
@@ -336,19 +439,29 @@ class JSRunner:
         builtins: BuiltinHandler | None,
         time_limit: float | None = None,
         wall_limit: float | None = None,
+        tenant: str = "",
+        beat: Callable[[], Any] | None = None,
     ) -> dict[str, Any]:
         if self._closed:
             raise RuntimeError("the JS runner is closed")
         js_timeout = time_limit or self.timeout
         wall = wall_limit or self.wall_timeout
-        lease = _Lease(self._slot())
-        await lease.take()
+        # The wall time counts from here: time spent waiting for a turn is part of the call.
+        wall_end = asyncio.get_running_loop().time() + wall
+        try:
+            turn = await self.fair.enter(tenant, wall_end, beat)
+        except Busy as err:
+            raise JSError("busy", f"the call was not run: {err}") from None
+        except TimeoutError:
+            raise JSError("busy", _turn_message(wall)) from None
         try:
             for attempt in (1, 2):
-                host = await self._acquire()
+                host = await self._acquire(tenant)
                 healthy = False
                 try:
-                    done = await self._exchange(host, message, builtins, js_timeout, wall, lease)
+                    done = await self._exchange(
+                        host, message, builtins, js_timeout, wall, wall_end, turn
+                    )
                     healthy = not done.get("retire")
                     break
                 except _HostGone as err:
@@ -359,7 +472,7 @@ class JSRunner:
                 finally:
                     self._release(host, healthy)
         finally:
-            lease.give()
+            self.fair.leave(turn)
         if done.get("ok"):
             return done
         raise self._error(done, js_timeout)
@@ -371,11 +484,13 @@ class JSRunner:
         builtins: BuiltinHandler | None,
         js_timeout: float,
         wall: float,
-        lease: "_Lease",
+        wall_end: float,
+        turn: Turn,
     ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         started = loop.time()
         waited = 0.0  # seconds spent serving builtins, which the JS time limit does not count
+        wall_deadline = wall_end + GRACE
         try:
             await host.send(message)
         except ConnectionError as err:
@@ -383,7 +498,6 @@ class JSRunner:
         answered = False
         while True:
             js_deadline = started + js_timeout + waited + GRACE
-            wall_deadline = started + wall + GRACE
             try:
                 # timeout_at, not wait_for: no extra task per frame on this hot path.
                 async with asyncio.timeout_at(min(js_deadline, wall_deadline)):
@@ -401,12 +515,17 @@ class JSRunner:
             answered = True
             if frame.get("op") == "call":
                 before = loop.time()
-                # A call waiting on a builtin computes nothing: its slot goes to other calls
-                # meanwhile (on a host of their own), so a function waiting for a chain that
-                # runs another function cannot starve the pool.
-                lease.give()
-                reply = await self._serve(builtins, frame, started + wall - before)
-                await lease.take()
+                # A call waiting on a builtin computes nothing: its tenant's running slot goes
+                # to the tenant's other calls meanwhile (its host stays: the isolate is there),
+                # so a function waiting for a chain that runs another function does not block it.
+                self.fair.pause(turn)
+                reply = await self._serve(builtins, frame, wall_end - before)
+                try:
+                    async with asyncio.timeout_at(wall_deadline):
+                        await self.fair.resume(turn)
+                except TimeoutError:
+                    await host.kill()
+                    raise JSError("timeout", _wall_message(wall)) from None
                 waited += loop.time() - before
                 try:
                     await host.send(reply)
@@ -480,6 +599,15 @@ def _wall_message(seconds: float) -> str:
     )
 
 
+def _turn_message(seconds: float) -> str:
+    return (
+        f"the call waited {seconds:g} s for a turn at the JavaScript pool and was not run "
+        "(CHAINLOOM_JS_WALL_TIMEOUT): the tenant's other functions held its share "
+        "(CHAINLOOM_JS_TENANT_CONCURRENCY), or all tenants together the whole pool "
+        "(CHAINLOOM_JS_POOL_MAX)"
+    )
+
+
 def _memory_message(memory_mb: int) -> str:
     return (
         f"the function went over its memory limit of {memory_mb} MB (CHAINLOOM_JS_MEMORY_MB) "
@@ -487,23 +615,19 @@ def _memory_message(memory_mb: int) -> str:
     )
 
 
-# One runner per event loop and limits: hosts' pipes belong to the loop that started them.
+# One runner per event loop and settings: hosts' pipes belong to the loop that started them.
 _RUNNERS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], JSRunner]]"
 _RUNNERS = weakref.WeakKeyDictionary()
 
 
-def shared_runner(
-    *, timeout: float, memory_mb: int, wall_timeout: float = 60.0, size: int = 2
-) -> JSRunner:
-    """The runner of the running event loop for these limits (created on first use)."""
+def shared_runner(**options: Any) -> JSRunner:
+    """The runner of the running event loop for these JSRunner options (made on first use)."""
     loop = asyncio.get_running_loop()
     runners = _RUNNERS.setdefault(loop, {})
-    key = (timeout, memory_mb, wall_timeout, size)
+    key = tuple(sorted(options.items()))
     runner = runners.get(key)
     if runner is None or runner._closed:
-        runner = JSRunner(
-            timeout=timeout, memory_mb=memory_mb, wall_timeout=wall_timeout, size=size
-        )
+        runner = JSRunner(**options)
         runners[key] = runner
     return runner
 
@@ -515,4 +639,8 @@ def runner_for(settings: Settings) -> JSRunner:
         memory_mb=settings.js_memory_mb,
         wall_timeout=settings.js_wall_timeout,
         size=settings.js_pool_size,
+        max_size=settings.js_pool_max,
+        tenant_concurrency=settings.js_tenant_concurrency,
+        tenant_queue=settings.js_tenant_queue,
+        shrink_after=settings.js_pool_idle,
     )
