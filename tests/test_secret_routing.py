@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from core import outbound
 from core.backends.keys import same_endpoint
 from core.backends.providers import BackendRef, ProviderClients, ProviderError
 from core.backends.refs import approval_target, key_at_stake, key_grant
@@ -415,6 +416,27 @@ async def test_backend_clients_obey_the_outbound_policy(capture: Capture) -> Non
         assert info.value.refused
     finally:
         await open_.close()
+
+
+async def test_backend_clients_connect_only_to_checked_addresses(
+    capture: Capture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name answering with a private and an allowlisted address goes to the allowlisted
+    one only; a name that resolves to private addresses alone is refused (DNS rebinding)."""
+    table = {"mixed.test": ["10.9.9.9", "127.0.0.1"], "inside.test": ["10.9.9.9"]}
+    monkeypatch.setattr(outbound, "_getaddrinfo", lambda host, port: table[host])
+    clients = ProviderClients(timeout=5, allowlist="127.0.0.1")
+    try:
+        mixed = BackendRef("m", "mixed", "openai", f"http://mixed.test:{capture.port}/v1")
+        assert await clients.list_models(mixed) == [MODEL]
+        assert capture.requests[-1]["headers"]["host"] == f"mixed.test:{capture.port}"
+        inside = BackendRef("i", "inside", "ollama", f"http://inside.test:{capture.port}")
+        with pytest.raises(ProviderError) as info:
+            await clients.list_models(inside)
+        assert info.value.refused and "inside.test resolves to 10.9.9.9" in str(info.value)
+        assert len(capture.requests) == 1
+    finally:
+        await clients.close()
 
 
 def test_non_admins_read_unreachable_where_admins_read_the_upstream_message(

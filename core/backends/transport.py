@@ -15,12 +15,13 @@ too: the client follows redirects through its transport) it
 Nothing about which addresses are allowed is decided here: that is core.outbound's.
 """
 
+import asyncio
 import ipaddress
 from typing import Any
 
 import httpx
 
-from core.outbound import Allowlist, checked_addresses
+from core.outbound import Allowlist, OutboundError, checked_addresses
 
 BACKEND_ALLOWLIST_ENV = "CHAINLOOM_BACKEND_ALLOWLIST"
 
@@ -55,7 +56,14 @@ class PolicyTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
-        addresses = await checked_addresses(str(url), self._allowlist)
+        # Resolving is part of connecting: a resolver that hangs must not outlast the
+        # client's connect timeout (a status probe has 3 s).
+        limit = (request.extensions.get("timeout") or {}).get("connect")
+        try:
+            async with asyncio.timeout(limit):
+                addresses = await checked_addresses(str(url), self._allowlist)
+        except TimeoutError as err:
+            raise OutboundError(f"cannot resolve {url.host}: timed out") from err
         headers = request.headers.copy()  # Host is already the name the caller asked for
         if not self._authorization:
             headers.pop("authorization", None)
