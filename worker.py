@@ -54,7 +54,7 @@ def build_worker(
     secrets = SecretBox.from_settings(settings)
     llm = LLMActivities(
         db,
-        clients or ProviderClients(timeout=settings.llm_timeout),
+        clients or ProviderClients(settings.llm_timeout, settings.backend_allowlist),
         secrets=secrets,
         default_model=settings.default_model,
         models_ttl=settings.backend_models_ttl,
@@ -65,7 +65,7 @@ def build_worker(
     )
     sync = SyncActivities(
         db,
-        ProviderClients(timeout=10.0),
+        ProviderClients(10.0, settings.backend_allowlist),
         task_queue=task_queue or settings.task_queue,
         down_seconds=settings.backend_down_seconds,
         delete_undeclared=settings.sync_delete_undeclared,
@@ -81,7 +81,7 @@ def build_worker(
         activities=[
             *all_activities(llm),
             sync.sync_backends,
-            DownloadActivities(db).pull,
+            DownloadActivities(db, settings.backend_allowlist).pull,
             *hooks.activities(),
             *functions.activities(),
         ],

@@ -16,10 +16,12 @@ import ollama
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from core.backends.providers import ProviderError, classify
+from core.backends.providers import ProviderError, classify, ollama_client
 from core.backends.refs import to_ref
+from core.backends.transport import backend_allowlist
 from core.db import Database
 from core.models import BackendRow
+from core.outbound import Allowlist
 from workflows.contracts import OLLAMA_PULL, PULL_FAILED
 from workflows.download_types import PullInput, PullResult, progress_details
 
@@ -39,8 +41,10 @@ READ_TIMEOUT = 600.0
 
 
 class DownloadActivities:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, allowlist: "str | Allowlist | None" = None) -> None:
         self._db = db
+        # Pulls reach the backend under the outbound policy, like every model call.
+        self._allowlist = backend_allowlist(allowlist)
 
     def _backend(self, req: PullInput) -> BackendRow:
         with self._db.session() as session:
@@ -82,8 +86,8 @@ class DownloadActivities:
                 await asyncio.sleep(BEAT_SECONDS)
                 activity.heartbeat(dict(progress))
 
-        client = ollama.AsyncClient(
-            host=row.base_url, timeout=httpx.Timeout(30.0, read=READ_TIMEOUT)
+        client = ollama_client(
+            row.base_url, httpx.Timeout(30.0, read=READ_TIMEOUT), self._allowlist
         )
         layers: dict[str, tuple[int, int]] = {}
         beater = asyncio.create_task(beat())
@@ -113,7 +117,8 @@ class DownloadActivities:
                             total=sum(t for _, t in layers.values()),
                         )
         except Exception as err:
-            raise _failure(err, row, req.model) from err
+            # The upstream text stays out of history (anyone who reads the queue sees that).
+            raise _failure(err, row, req.model) from None
         finally:
             beater.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -126,17 +131,20 @@ class DownloadActivities:
 
 
 def _failure(err: Exception, row: BackendRow, model: str) -> ApplicationError:
+    """The pull's error for the queue: the backend's own words only when they are one of
+    Ollama's known answers for a model that cannot be pulled (docs/backends.md)."""
     error = classify(err, to_ref(row))
     text = str(error)
+    activity.logger.warning("pull of %s on %s failed: %s", model, row.name, text)
     lowered = text.lower()
-    permanent = any(hint in lowered for hint in PERMANENT_HINTS) or (
+    hint = next((h for h in PERMANENT_HINTS if h in lowered), None)
+    permanent = hint is not None or (
         isinstance(error, ProviderError)
         and error.status is not None
         and 400 <= error.status < 500
         and error.status not in (408, 425, 429)
     )
     if permanent:
-        return ApplicationError(
-            f"cannot pull {model}: {text}", type=PULL_FAILED, non_retryable=True
-        )
-    return ApplicationError(f"pull of {model} interrupted: {text}", type="PullInterrupted")
+        why = hint or error.public  # one of Ollama's known answers, or "unreachable"
+        return ApplicationError(f"cannot pull {model}: {why}", type=PULL_FAILED, non_retryable=True)
+    return ApplicationError(f"pull of {model} interrupted: {error.public}", type="PullInterrupted")

@@ -7,6 +7,11 @@ for each, the backends serving it (narrowed by provider, and by affinity group w
 are enabled). Backends marked down come last. A transient failure marks the backend down and
 moves to the next candidate in the same attempt; when none is left the activity fails
 retryably and Temporal tries again later.
+
+Errors that reach the run (and so anyone who reads it) name the backend and say only
+"unreachable" or "refused"; what the backend or the network said goes to the worker log and
+the backend's state (GET /state shows it to admins), as its address may have been chosen by
+someone probing what answers there.
 """
 
 import asyncio
@@ -19,7 +24,7 @@ from typing import Any, TypeVar
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from core.backends.health import Health, group_pairs, load_health, mark_down, mark_up
+from core.backends.health import Health, group_pairs, load_health, mark_down, mark_up, note_error
 from core.backends.providers import BackendRef, ProviderClients, ProviderError, same_model
 from core.backends.refs import backend_refs
 from core.db import Database
@@ -195,11 +200,16 @@ class LLMActivities:
                 max_age = 0.0 if fresh else self._models_ttl
                 listings[backend.id] = await self._clients.list_models(backend, max_age)
             except ProviderError as err:
-                unreachable.append(str(err))
+                unreachable.append(err.public)
                 # The last list we saw still says what it serves once it comes back.
                 listings[backend.id] = health.models
                 if err.transient and not health.is_down(now):
                     view.health[backend.id] = await self._mark_down(tenant_id, backend, str(err))
+                elif not err.transient and health.last_error != str(err):
+                    # A refused address: admins find why in GET /state.
+                    await asyncio.to_thread(note_error, self._db, tenant_id, backend.id, str(err))
+                    health.last_error = str(err)
+                    view.health[backend.id] = health
         up: list[Candidate] = []
         down: list[Candidate] = []
         for model in models:
@@ -256,10 +266,12 @@ class LLMActivities:
                 result = await call(backend, candidate.model)
             except ProviderError as err:
                 if not err.transient:
+                    activity.logger.warning("backend %s failed: %s", backend.name, err)
+                    await asyncio.to_thread(note_error, self._db, tenant_id, backend.id, str(err))
                     raise ApplicationError(
-                        str(err), type=PERMANENT_LLM_ERROR, non_retryable=True
-                    ) from err
-                errors.append(str(err))
+                        err.public, type=PERMANENT_LLM_ERROR, non_retryable=True
+                    ) from None
+                errors.append(err.public)
                 failed.append(backend.name)
                 health = await self._mark_down(tenant_id, backend, str(err))
                 if view is not None:

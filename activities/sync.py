@@ -7,7 +7,7 @@ from sqlmodel import col, select
 from temporalio import activity
 
 from core.backends.health import mark_down, mark_up
-from core.backends.keys import provider_api_keys
+from core.backends.keys import ProviderKey, provider_keys
 from core.backends.providers import ProviderClients, ProviderError, same_model
 from core.backends.refs import to_ref
 from core.db import Database
@@ -36,7 +36,7 @@ class SyncActivities:
 
     def _load(
         self,
-    ) -> tuple[list[BackendRow], dict[str, list[str]], dict[str, dict[str, str]]]:
+    ) -> tuple[list[BackendRow], dict[str, list[str]], dict[str, dict[str, ProviderKey]]]:
         with self._db.session() as session:
             backends = list(session.exec(select(BackendRow).order_by(col(BackendRow.created_at))))
             declared: dict[str, list[str]] = {}
@@ -45,7 +45,7 @@ class SyncActivities:
         # Hosted providers answer a model listing only with their key.
         box = self._secrets
         keys = {
-            t: provider_api_keys(self._db, box, t) if box else {}
+            t: provider_keys(self._db, box, t) if box else {}
             for t in {r.tenant_id for r in backends}
         }
         return backends, declared, keys

@@ -302,6 +302,15 @@ def effective_level(state: AppState, principal: Principal, kind: str, ident: str
     return _levels(state, principal, (kind,), ident)[kind]
 
 
+def manages(state: AppState, principal: Principal, kind: str, ident: str | None = None) -> bool:
+    """Whether the caller holds `manage` on `kind` (the admin role, an admin-scoped key or an
+    access entry): what sending a stored secret somewhere new, or reading upstream error
+    detail, needs (docs/identity.md)."""
+    if principal.kind == "bootstrap":
+        return True
+    return at_least(effective_level(state, principal, kind, ident), "manage")
+
+
 def levels_everywhere(state: AppState, principal: Principal) -> dict[str, str]:
     """The caller's type-wide level on every resource type (one query)."""
     return _levels(state, principal, tuple(RESOURCE_TYPES), None)

@@ -37,7 +37,9 @@ async def _log_request(scope: Scope, status: int, run: dict[str, str]) -> None:
         return
     duration_ms = (time.perf_counter() - scope["chainloom.started"]) * 1000
     try:
-        row = request_log.entry(scope, status, duration_ms, run.get("run_id"))
+        row = request_log.entry(
+            scope, status, duration_ms, run.get("run_id"), run.get("detail", "")
+        )
         if row is not None:
             await sink.record(row)
     except Exception:

@@ -215,6 +215,7 @@ async def bench_env(workdir: Path) -> AsyncIterator[BenchEnv]:
             DATABASE_URL=db.url,
             CHAINLOOM_TASK_QUEUE="bench-chain-" + uuid.uuid4().hex[:8],
             CHAINLOOM_BACKEND_MODELS_TTL=30,
+            CHAINLOOM_BACKEND_ALLOWLIST="127.0.0.1",  # the scripted LLM
         )
         client = await Client.connect(settings.temporal_address)
         baseline_queue = "bench-base-" + uuid.uuid4().hex[:8]

@@ -57,6 +57,8 @@ def dev(
         "TEMPORAL_ADDRESS": f"127.0.0.1:{temporal_port}",
     }
     env.setdefault("DATABASE_URL", f"sqlite:///{data_dir / 'chainloom.db'}")
+    # Model servers in development run on this machine (Ollama on localhost:11434).
+    env.setdefault("CHAINLOOM_BACKEND_ALLOWLIST", "127.0.0.0/8,::1,localhost")
     from core.db import Database
 
     # Migrate once here, so the worker and the API do not race to create the schema.

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # Outbound HTTP to user-supplied URLs refuses loopback/private/link-local/metadata
     # addresses except these (comma-separated hosts, IPs or CIDRs; see core/outbound.py).
     outbound_allowlist: str = Field("", alias="CHAINLOOM_OUTBOUND_ALLOWLIST")
+    # The same policy for model servers (backends' baseUrl), with a list of its own, as
+    # they usually live on a private network; `chainloom dev` allows loopback.
+    backend_allowlist: str = Field("", alias="CHAINLOOM_BACKEND_ALLOWLIST")
     # Remote hooks' OpenAPI documents are cached this long (seconds) by workers and the API.
     hook_schema_ttl: float = Field(300.0, alias="CHAINLOOM_HOOK_SCHEMA_TTL")
 

@@ -41,8 +41,8 @@ def migrate(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision (idempotent).
 
     API and worker processes start together and each migrates: on PostgreSQL an advisory lock
-    serialises them; on SQLite the loser of the race sees "already exists" and tries again,
-    by then finding the schema at head.
+    serialises them; on SQLite a write transaction taken up front does (the loser waits, then
+    finds the schema at head; "already exists" is still retried, for older files).
     """
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -51,6 +51,11 @@ def migrate(engine: Engine) -> None:
             with engine.begin() as conn:
                 if conn.dialect.name == "postgresql":
                     conn.execute(text("SELECT pg_advisory_xact_lock(724061)"))
+                elif conn.dialect.name == "sqlite":
+                    # pysqlite opens no transaction before DDL, so each statement commits
+                    # alone and a second process could meet a half-applied revision (an
+                    # ALTER TABLE ADD COLUMN done, the version not yet moved).
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
             return

@@ -59,6 +59,11 @@ class BackendRow(SQLModel, table=True):
     name: str = Field(max_length=200)
     base_url: str = Field(max_length=2000)
     type: str = Field(max_length=32)
+    # Who (user, key or "bootstrap", with manage on backends) last created or re-pointed the
+    # backend, and the "<type> <baseUrl>" they approved: the backend receives its type's
+    # provider key only at that target, or at the key's bound URL (docs/backends.md).
+    approved_by: str = Field(default="", max_length=64)
+    approved_for: str = Field(default="", max_length=2100)
     created_at: datetime = _ts()
     updated_at: datetime = _ts()
 
@@ -137,6 +142,9 @@ class ProviderConfigRow(SQLModel, table=True):
     tenant_id: str = Field(primary_key=True, max_length=64)
     type: str = Field(primary_key=True, max_length=32)
     api_key_encrypted: str = Field(max_length=4000)
+    # The URL the key is bound to: backends with this baseUrl receive it, others only when
+    # an admin approved them ("" binds it to no URL).
+    base_url: str = Field(default="", max_length=2000)
     created_at: datetime = _ts()
     updated_at: datetime = _ts()
 
@@ -408,6 +416,9 @@ class RequestLogRow(SQLModel, table=True):
     subject_id: str = Field(default="", max_length=400)
     run_id: str | None = Field(default=None, max_length=64)
     client: str = Field(default="", max_length=64)
+    # What a change did to secrets and where they go (a backend approved, a hook's secret
+    # headers dropped, a provider key bound), noted by the route that made it.
+    detail: str = Field(default="", max_length=2000)
 
 
 class UsageRow(SQLModel, table=True):

@@ -188,13 +188,17 @@ class Allowlist:
     # "*.corp.example" allows every name under corp.example (not corp.example itself).
     suffixes: tuple[str, ...] = ()
     entries: tuple[str, ...] = field(default=(), compare=False)
+    # The setting a refusal tells the operator to change (backends have their own list).
+    setting: str = field(default=ALLOWLIST_ENV, compare=False)
 
     @classmethod
-    def parse(cls, value: "str | Iterable[str] | Allowlist | None") -> "Allowlist":
+    def parse(
+        cls, value: "str | Iterable[str] | Allowlist | None", setting: str = ALLOWLIST_ENV
+    ) -> "Allowlist":
         if isinstance(value, Allowlist):
             return value
         if value is None:
-            return cls()
+            return cls(setting=setting)
         items = value.split(",") if isinstance(value, str) else list(value)
         networks: list[IPNetwork] = []
         hosts: set[str] = set()
@@ -217,9 +221,9 @@ class Allowlist:
                 hosts.add(name)
             else:
                 raise ValueError(
-                    f"{ALLOWLIST_ENV} entry {raw.strip()!r} is not a host name, IP address or CIDR"
+                    f"{setting} entry {raw.strip()!r} is not a host name, IP address or CIDR"
                 )
-        return cls(tuple(networks), frozenset(hosts), tuple(suffixes), tuple(entries))
+        return cls(tuple(networks), frozenset(hosts), tuple(suffixes), tuple(entries), setting)
 
     def allows_host(self, host: str) -> bool:
         name = host.lower().rstrip(".")
@@ -269,7 +273,7 @@ def check_address(host: str, ip: IPAddress, allowlist: Allowlist) -> None:
     else:
         subject = f"{host} resolves to {ip}, {reason}"
     raise OutboundRefused(
-        f"refused: {subject}; add it to {ALLOWLIST_ENV} to allow it",
+        f"refused: {subject}; add it to {allowlist.setting} to allow it",
         host=host,
         address=str(ip),
     )
@@ -403,6 +407,12 @@ def _select(target: _Target, resolved: list[str], allowlist: Allowlist) -> list[
     if first_refusal is not None:
         raise first_refusal
     raise OutboundError(f"cannot resolve {target.host}: no usable address", transient=True)
+
+
+async def checked_addresses(url: str, allowlist: Allowlist) -> list[IPAddress]:
+    """The addresses a request to `url` may connect to, resolved and checked as `fetch` does,
+    for clients that send requests themselves (core/backends/transport.py)."""
+    return await _resolve_async(_parse(url), allowlist)
 
 
 def _literal_or_none(target: _Target, allowlist: Allowlist) -> list[IPAddress] | None:

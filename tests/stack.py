@@ -117,6 +117,8 @@ class Stack:
             "CHAINLOOM_BACKEND_MODELS_TTL": 0,
             "CHAINLOOM_ROUTING_CACHE_SECONDS": 0,
             "CHAINLOOM_SECRET_KEY": cls.SECRET_KEY,
+            # The scripted LLM listens on 127.0.0.1; other loopback addresses stay refused.
+            "CHAINLOOM_BACKEND_ALLOWLIST": "127.0.0.1",
             "CHAINLOOM_DATA_DIR": tempfile.mkdtemp(prefix="chainloom-test-"),
             # Shared stacks serve many tests a minute; rate-limit tests set their own limits.
             "CHAINLOOM_RATE_LIMIT": "1000000/minute",

@@ -17,7 +17,7 @@ from tests.stack import Stack
 from tests.test_api_resources import assert_error
 
 GROUP_KEYS = {"id", "name", "purposeType", "createdAt", "updatedAt"}
-BACKEND_KEYS = {"id", "name", "baseUrl", "type", "createdAt", "updatedAt"}
+BACKEND_KEYS = {"id", "name", "baseUrl", "type", "providerKey", "createdAt", "updatedAt"}
 MODEL_KEYS = {
     "id",
     "model",

@@ -15,7 +15,7 @@ from core.secrets import SecretBox, mask
 from tests.stack import Stack
 from tests.test_api_resources import assert_error
 
-CONFIG_KEYS = {"APIKey", "Type", "createdAt", "updatedAt"}
+CONFIG_KEYS = {"APIKey", "Type", "baseUrl", "createdAt", "updatedAt"}
 
 
 def secret() -> str:

@@ -12,9 +12,10 @@ from fastapi import APIRouter, Query
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
+from api.deps import PrincipalDep, StateDep, manages, page_limit, parse_cursor
 from api.errors import APIError, not_found
 from api.run_service import get_run_row, run_view
+from core.backends.providers import public_error
 from core.metering.request_log import MUTATING
 from core.models import BackendRow, BackendStateRow, RequestLogRow, as_utc, rfc3339
 
@@ -39,6 +40,7 @@ def _view(row: RequestLogRow) -> dict[str, Any]:
         "subjectId": row.subject_id or None,
         "runId": row.run_id,
         "client": row.client,
+        "detail": row.detail or None,
     }
 
 
@@ -227,6 +229,7 @@ async def alerts(
             return list(session.exec(query).all())
 
     down = await asyncio.to_thread(backends)
+    detail = await asyncio.to_thread(manages, state, principal, "backends")
     return {
         "requests": requests,
         "backends": [
@@ -234,7 +237,7 @@ async def alerts(
                 "backendId": row.backend_id,
                 "name": name,
                 "failures": row.failures,
-                "lastError": row.last_error,
+                "lastError": row.last_error if detail else public_error(row.last_error),
                 "downUntil": rfc3339(row.down_until) if row.down_until else None,
                 "checkedAt": rfc3339(row.checked_at) if row.checked_at else None,
             }
@@ -280,6 +283,8 @@ async def audit(
             "subjectId": row["subjectId"],
             "status": row["status"],
             "runId": row["runId"],
+            # What the change did to secrets: a backend approved, hook headers dropped, ...
+            "detail": row["detail"],
         }
         for row in rows
     ]

@@ -17,6 +17,7 @@ from api.errors import APIError
 from api.routes.backends import BackendOut, backend_json
 from api.routes.groups import GroupOut, group_json, load_group, remove_memberships
 from api.routes.models import ModelOut, model_json
+from core.backends.keys import provider_bindings
 from core.models import AffinityGroupRow, BackendRow, GroupBackendRow, GroupModelRow, ModelRow
 
 __all__ = ["remove_memberships", "router"]
@@ -103,9 +104,10 @@ def list_group_backends(
         .where(GroupBackendRow.group_id == groupID, BackendRow.tenant_id == tenant)
         .order_by(col(BackendRow.created_at), col(BackendRow.id))
     )
+    bindings = provider_bindings(state.db, tenant)
     with state.db.session() as session:
         load_group(session, tenant, groupID)
-        return [backend_json(row) for row in session.exec(query).all()]
+        return [backend_json(row, bindings) for row in session.exec(query).all()]
 
 
 @router.get(

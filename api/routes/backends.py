@@ -1,4 +1,10 @@
-"""/backends: connections to LLM services (seed 003)."""
+"""/backends: connections to LLM services (seed 003).
+
+A backend's baseUrl decides where the tenant's provider key of its type goes, so pointing one
+somewhere the key is not bound to (creating it, or changing its baseUrl or type) needs manage
+on backends, and only then does the backend receive the key (core/backends/refs.py). Status
+answers show upstream errors to those with manage, "unreachable"/"refused" to everyone else.
+"""
 
 import asyncio
 import logging
@@ -10,14 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from temporalio.service import RPCError
 
-from api.deps import PrincipalDep, StateDep, owned, tenant_page
+from api.deps import AppState, PrincipalDep, StateDep, manages, owned, tenant_page
 from api.errors import APIError
 from api.routes.groups import remove_memberships
 from api.routes.providers import BoxDep
 from core.backends.downloads import cancel_downloads
-from core.backends.keys import provider_api_keys
-from core.backends.providers import ProviderClients, ProviderError
-from core.backends.refs import to_ref
+from core.backends.keys import KEYED_TYPES, provider_bindings, provider_keys
+from core.backends.providers import ProviderClients, ProviderError, public_error
+from core.backends.refs import approval_target, key_at_stake, key_grant, to_ref
+from core.metering.request_log import note_change
 from core.models import BackendRow, BackendStateRow, rfc3339, utcnow
 
 router = APIRouter(tags=["backends"])
@@ -45,6 +52,12 @@ class BackendOut(BaseModel):
     name: str
     baseUrl: str
     type: str
+    providerKey: str = Field(
+        "none",
+        description="Whether the backend receives its type's provider key: `bound` (its "
+        "baseUrl is the key's bound URL), `approved` (an admin approved it at this baseUrl) "
+        "or `none`.",
+    )
     createdAt: str
     updatedAt: str
 
@@ -55,37 +68,93 @@ class BackendStatus(BackendOut):
     error: str = ""
 
 
-def backend_json(row: BackendRow) -> dict[str, Any]:
+def backend_json(row: BackendRow, bindings: dict[str, str] | None = None) -> dict[str, Any]:
+    """A backend as the API shows it; `bindings` (provider type to bound URL, from
+    core.backends.keys.provider_bindings) fill in providerKey."""
     return {
         "id": row.id,
         "name": row.name,
         "baseUrl": row.base_url,
         "type": row.type,
+        "providerKey": key_grant(row, (bindings or {}).get(row.type)) or "none",
         "createdAt": rfc3339(row.created_at),
         "updatedAt": rfc3339(row.updated_at),
     }
 
 
-def _probe_clients(request: Request) -> ProviderClients:
+def shown_error(detail: str, full: bool) -> str:
+    """A backend error as the caller may see it: all of it with manage on backends."""
+    return detail if full else public_error(detail)
+
+
+def _probe_clients(request: Request, state: AppState) -> ProviderClients:
     clients: ProviderClients | None = getattr(request.app.state, "probe_clients", None)
     if clients is None:
         # Status probes must answer fast; a slow backend shows as an error, not a hang.
-        clients = ProviderClients(timeout=3.0)
+        clients = ProviderClients(timeout=3.0, allowlist=state.settings.backend_allowlist)
         request.app.state.probe_clients = clients
     return clients
 
 
+async def _status_context(
+    state: AppState, principal: PrincipalDep, box: BoxDep
+) -> tuple[dict[str, Any], bool]:
+    def load() -> tuple[dict[str, Any], bool]:
+        keys = provider_keys(state.db, box, principal.tenant_id)
+        return keys, manages(state, principal, "backends")
+
+    return await asyncio.to_thread(load)
+
+
 async def _with_status(
-    clients: ProviderClients, row: BackendRow, keys: dict[str, str]
+    clients: ProviderClients, row: BackendRow, keys: dict[str, Any], full: bool
 ) -> dict[str, Any]:
-    data = backend_json(row)
+    data = backend_json(row, {kind: key.base_url for kind, key in keys.items()})
     try:
         data["models"] = await clients.list_models(to_ref(row, keys))
         data["error"] = ""
     except ProviderError as err:
-        data["models"], data["error"] = [], str(err)
+        data["models"], data["error"] = [], shown_error(str(err), full)
     data["pulledModels"] = [{"model": name} for name in data["models"]]
     return data
+
+
+def _admit(
+    state: AppState,
+    principal: PrincipalDep,
+    body: "BackendIn",
+    before: BackendRow | None,
+) -> tuple[bool, dict[str, str]]:
+    """Refuses (403) pointing a backend where a stored key would go unbound without manage on
+    backends; answers whether the caller approves the backend, and the key bindings."""
+    bindings = provider_bindings(state.db, principal.tenant_id)
+    admin = manages(state, principal, "backends", before.id if before else None)
+    moved = before is None or (before.type, before.base_url) != (body.type, body.base_url)
+    if moved and not admin and key_at_stake(body.type, body.base_url, bindings):
+        bound = bindings[body.type]
+        where = f"bound to {bound}" if bound else "bound to no URL"
+        raise APIError(
+            403,
+            "forbidden",
+            f"only an admin (manage on backends) may point a backend of type {body.type} at "
+            f"{body.base_url}: the tenant's {body.type} provider key is {where}, and only an "
+            "admin may send it elsewhere",
+            param="baseUrl",
+        )
+    return admin, bindings
+
+
+def _approve(row: BackendRow, principal: PrincipalDep, admin: bool, moved: bool) -> None:
+    """An admin saving a backend approves it where it points; anyone else re-pointing it
+    withdraws the approval (it could only do so where no unbound key was at stake)."""
+    target = approval_target(row.type, row.base_url)
+    if admin:
+        row.approved_by, row.approved_for = principal.identity, target
+        if row.type in KEYED_TYPES:
+            note_change(f"approved {target} to receive the {row.type} provider key")
+    elif moved and row.approved_by:
+        note_change(f"approval by {row.approved_by} withdrawn")
+        row.approved_by, row.approved_for = "", ""
 
 
 @router.get(
@@ -108,9 +177,9 @@ async def list_backends(
             return list(session.exec(query).all())
 
     rows = await asyncio.to_thread(load)
-    keys = await asyncio.to_thread(provider_api_keys, state.db, box, principal.tenant_id)
-    clients = _probe_clients(request)
-    return list(await asyncio.gather(*(_with_status(clients, row, keys) for row in rows)))
+    keys, full = await _status_context(state, principal, box)
+    clients = _probe_clients(request, state)
+    return list(await asyncio.gather(*(_with_status(clients, row, keys, full) for row in rows)))
 
 
 @router.post(
@@ -120,16 +189,18 @@ async def list_backends(
     summary="Creates a new backend connection to an LLM provider.",
 )
 def create_backend(body: BackendIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+    admin, bindings = _admit(state, principal, body, None)
     row = BackendRow(
         tenant_id=principal.tenant_id, name=body.name, base_url=body.base_url, type=body.type
     )
+    _approve(row, principal, admin, moved=True)
     with state.db.session() as session:
         session.add(row)
         try:
             session.commit()
         except IntegrityError as err:
             raise APIError(409, "already_exists", f"a backend named {body.name!r} exists") from err
-    return backend_json(row)
+    return backend_json(row, bindings)
 
 
 def _load(state: StateDep, tenant_id: str, backend_id: str) -> BackendRow:
@@ -146,8 +217,8 @@ async def get_backend(
     id: str, request: Request, state: StateDep, principal: PrincipalDep, box: BoxDep
 ) -> dict[str, Any]:
     row = await asyncio.to_thread(_load, state, principal.tenant_id, id)
-    keys = await asyncio.to_thread(provider_api_keys, state.db, box, principal.tenant_id)
-    return await _with_status(_probe_clients(request), row, keys)
+    keys, full = await _status_context(state, principal, box)
+    return await _with_status(_probe_clients(request, state), row, keys, full)
 
 
 @router.put(
@@ -159,7 +230,12 @@ def update_backend(
     id: str, body: BackendIn, request: Request, state: StateDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     row = _load(state, principal.tenant_id, id)
+    admin, bindings = _admit(state, principal, body, row)
+    moved = (row.type, row.base_url) != (body.type, body.base_url)
+    if moved:
+        note_change(f"re-pointed from {row.type} {row.base_url} to {body.type} {body.base_url}")
     row.name, row.base_url, row.type = body.name, body.base_url, body.type
+    _approve(row, principal, admin, moved)
     row.updated_at = utcnow()
     with state.db.session() as session:
         session.add(row)
@@ -167,8 +243,8 @@ def update_backend(
             session.commit()
         except IntegrityError as err:
             raise APIError(409, "already_exists", f"a backend named {body.name!r} exists") from err
-    _probe_clients(request).forget(id)
-    return backend_json(row)
+    _probe_clients(request, state).forget(id)
+    return backend_json(row, bindings)
 
 
 @router.delete("/backends/{id}", summary="Removes a backend connection.")

@@ -2,7 +2,9 @@
 
 Header values are secrets (service tokens): stored encrypted and shown masked in every answer.
 A PUT may send the masked value back unchanged to keep a header's secret, or leave `headers`
-out to keep them all.
+out to keep them all, as long as the hook stays where it points. A PUT that changes
+`endpointUrl` drops every stored header value it does not send again in clear; keeping one
+(its masked value) at the new URL needs manage on hooks, as that sends a secret somewhere new.
 """
 
 import asyncio
@@ -12,7 +14,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
+from api.deps import PrincipalDep, StateDep, manages, page_limit, parse_cursor
 from api.errors import APIError, not_found
 from api.routes.providers import BoxDep
 from core.hooks.openapi import SchemaCache, SchemaError
@@ -32,6 +34,7 @@ from core.hooks.store import (
     to_remote_hook,
     valid_hook_name,
 )
+from core.metering.request_log import note_change
 from core.models import RemoteHookRow, rfc3339, utcnow
 from core.secrets import SecretBox, mask
 
@@ -251,22 +254,39 @@ def get_remote_hook(
     summary="Updates an existing remote hook configuration.",
     description="The ID from the URL path overrides any ID in the request body. Leave "
     "`headers` out to keep the stored ones; a header sent with its masked value keeps its "
-    "stored value.",
+    "stored value. A change of `endpointUrl` drops the stored header values not sent again "
+    "in clear; keeping one (masked) at a new URL needs manage on hooks (403 otherwise).",
 )
 def update_remote_hook(
     id: HookId, body: RemoteHookIn, state: StateDep, principal: PrincipalDep, box: BoxDep
 ) -> dict[str, Any]:
     row = _load(state, principal.tenant_id, id)
-    if body.headers is not None:
+    moved = body.endpoint_url != row.endpoint_url
+    if body.headers is not None or moved:
         try:
             stored = decrypt_headers(box, row.headers_encrypted)
         except ValueError:
             stored = {}
-        headers = {
-            name: stored[name] if name in stored and value == mask(stored[name]) else value
-            for name, value in body.headers.items()
-        }
+        sent = body.headers or {}
+        kept = [n for n, v in sent.items() if n in stored and v == mask(stored[n])]
+        if moved and kept and not manages(state, principal, "hooks", id):
+            raise APIError(
+                403,
+                "forbidden",
+                f"only an admin (manage on hooks) may move hook {row.name!r} to a new "
+                f"endpointUrl with its stored secret headers ({', '.join(sorted(kept))}): send "
+                "their values again, or leave them out to drop them",
+                param="headers",
+            )
+        headers = {name: stored[name] if name in kept else value for name, value in sent.items()}
         row.headers_encrypted = encrypt_headers(box, headers)
+        if moved:
+            note_change(f"endpointUrl {row.endpoint_url} -> {body.endpoint_url}")
+            dropped = sorted(set(stored) - set(sent))
+            if dropped:
+                note_change(f"stored secret headers dropped: {', '.join(dropped)}")
+            if kept:
+                note_change(f"stored secret headers kept at the new URL: {', '.join(sorted(kept))}")
     row.name = body.name
     row.endpoint_url = body.endpoint_url
     row.timeout_ms = body.timeout_ms

@@ -3,10 +3,15 @@
 Keys are encrypted at rest and never returned in clear: every answer shows them masked.
 The seed has no route that sets a key; POST /providers/{providerType}/configure follows the
 upstream contenox runtime.
+
+A key is bound to a base URL (`baseUrl`, by default the provider's public API): backends at
+that URL receive it, others only when an admin approved them (docs/backends.md). The binding
+changes only together with the key, so whoever moves it knows the key already.
 """
 
 import threading
 from typing import Annotated, Any
+from urllib.parse import urlparse
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
@@ -14,6 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
 from api.errors import APIError, not_found
 from core.backends.keys import (
+    DEFAULT_BASE_URLS,
     PROVIDER_TYPES,
     ProviderConfigExists,
     delete_provider_key,
@@ -23,6 +29,7 @@ from core.backends.keys import (
     normalize_provider_type,
     set_provider_key,
 )
+from core.metering.request_log import note_change
 from core.models import ProviderConfigRow, rfc3339
 from core.secrets import SecretBox
 
@@ -78,6 +85,26 @@ class ProviderConfigureIn(BaseModel):
         validation_alias=AliasChoices("apiKey", "APIKey"),
     )
     upsert: bool = False
+    base_url: str | None = Field(
+        None,
+        max_length=2000,
+        validation_alias=AliasChoices("baseUrl", "BaseURL"),
+        description="The URL the key is bound to: backends with this baseUrl receive it. "
+        "Defaults to the provider's public API ("
+        + ", ".join(f"{kind}: {url}" for kind, url in DEFAULT_BASE_URLS.items())
+        + "); vllm and ollama keys have none, so only backends an admin approved get them. "
+        '"" binds the key to no URL.',
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return value
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError("baseUrl must be an http(s) URL, e.g. https://api.openai.com/v1")
+        return value.rstrip("/")
 
     @field_validator("api_key")
     @classmethod
@@ -91,6 +118,7 @@ class ProviderConfigureIn(BaseModel):
 class ProviderConfigOut(BaseModel):
     APIKey: str = Field(description="The key, masked: never returned in clear.")
     Type: str
+    baseUrl: str = Field(description='The URL the key is bound to ("" for none).')
     createdAt: str
     updatedAt: str
 
@@ -99,6 +127,7 @@ def _out(box: SecretBox, row: ProviderConfigRow) -> dict[str, Any]:
     return {
         "APIKey": masked_key(box, row),
         "Type": row.type,
+        "baseUrl": row.base_url,
         "createdAt": rfc3339(row.created_at),
         "updatedAt": rfc3339(row.updated_at),
     }
@@ -144,7 +173,13 @@ def configure_provider(
     kind = _provider_type(providerType)
     try:
         row, created = set_provider_key(
-            state.db, box, principal.tenant_id, kind, body.api_key, upsert=body.upsert
+            state.db,
+            box,
+            principal.tenant_id,
+            kind,
+            body.api_key,
+            upsert=body.upsert,
+            base_url=body.base_url,
         )
     except ProviderConfigExists as err:
         raise APIError(
@@ -155,6 +190,9 @@ def configure_provider(
         ) from err
     if not created:
         response.status_code = 200
+    note_change(
+        f"{kind} key {'set' if created else 'replaced'}, bound to {row.base_url or 'no URL'}"
+    )
     return _out(box, row)
 
 

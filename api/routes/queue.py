@@ -200,7 +200,12 @@ async def queue_declared_model(state: AppState, tenant_id: str, model: str) -> l
                 return []
             client = await _client(state)
             return await download_missing(
-                client, state.settings.task_queue, tenant_id, [to_ref(r) for r in rows], model
+                client,
+                state.settings.task_queue,
+                tenant_id,
+                [to_ref(r) for r in rows],
+                model,
+                allowlist=state.settings.backend_allowlist,
             )
     except Exception as err:
         log.warning("model %s declared, but its downloads were not started: %s", model, err)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import ollama
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
@@ -23,7 +22,8 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from core.backends.providers import BackendRef, same_model
+from core.backends.providers import BackendRef, ollama_client, same_model
+from core.backends.transport import backend_allowlist
 from workflows.contracts import (
     CANCEL_SIGNAL,
     DOWNLOAD_WORKFLOW,
@@ -132,18 +132,21 @@ async def download_missing(
     tenant_id: str,
     backends: Sequence[BackendRef],
     model: str,
+    allowlist: str | None = None,
 ) -> list[str]:
     """Queue `model` on every ollama backend that does not serve it; returns their ids.
 
     A backend that cannot be asked gets the download queued anyway: the pull retries until it
-    is back, and declaring a model is a promise that it will be there.
+    is back, and declaring a model is a promise that it will be there. `allowlist` is
+    CHAINLOOM_BACKEND_ALLOWLIST (None reads it from the environment).
     """
+    allowed = backend_allowlist(allowlist)
     wanted: list[BackendRef] = []
     for backend in backends:
         if backend.type != "ollama":
             continue
         try:
-            async with ollama.AsyncClient(host=backend.base_url, timeout=LIST_TIMEOUT) as api:
+            async with ollama_client(backend.base_url, LIST_TIMEOUT, allowed) as api:
                 listing = await api.list()
             if any(same_model(m.model or "", model) for m in listing.models):
                 continue

@@ -71,6 +71,17 @@ def mark_down(db: Database, tenant_id: str, backend_id: str, error: str, seconds
         return Health(False, row.failures, row.last_error, row.down_until, list(row.models or []))
 
 
+def note_error(db: Database, tenant_id: str, backend_id: str, error: str) -> None:
+    """Keeps a permanent failure's detail for admins (GET /state) without marking it down:
+    the backend answered, the request was wrong (unknown model, prompt too long, ...)."""
+    with db.session() as session:
+        row = _row(session, tenant_id, backend_id)
+        row.last_error = error[:2000]
+        row.checked_at = utcnow()
+        session.add(row)
+        session.commit()
+
+
 def mark_up(
     db: Database,
     tenant_id: str,

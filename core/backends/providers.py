@@ -1,7 +1,13 @@
 """Talking to LLM backends through the official `openai` and `ollama` clients.
 
 The clients' own retries are off: Temporal alone decides when a call is repeated, so a call
-whose result is already in history is never paid for twice.
+whose result is already in history is never paid for twice. Their HTTP goes through the
+outbound policy (core/backends/transport.py), with CHAINLOOM_BACKEND_ALLOWLIST.
+
+A ProviderError carries two texts: the detail (what the backend or the network said), for
+administrators and logs, and `public` ("unreachable" or "refused"), for everyone else: a
+backend's address is chosen by whoever created it, and upstream messages would let them read
+what answers at any address they can name (docs/backends.md).
 """
 
 import time
@@ -12,15 +18,45 @@ import httpx
 import ollama
 import openai
 
+from core.backends.transport import PolicyTransport, backend_allowlist
+from core.outbound import Allowlist, OutboundError, OutboundRefused
+
 # HTTP statuses worth another try later or on another backend.
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
+REFUSED = "refused"
+UNREACHABLE = "unreachable"
+
+
 class ProviderError(Exception):
-    def __init__(self, message: str, *, transient: bool, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        transient: bool,
+        status: int | None = None,
+        backend: str = "",
+        refused: bool = False,
+    ) -> None:
         super().__init__(message)
         self.transient = transient
         self.status = status
+        self.backend = backend
+        self.refused = refused
+
+    @property
+    def public(self) -> str:
+        """The error as a caller without manage on backends sees it."""
+        word = REFUSED if self.refused else UNREACHABLE
+        return f"backend {self.backend}: {word}" if self.backend else word
+
+
+def public_error(detail: str) -> str:
+    """What a caller without manage on backends sees of a stored backend error."""
+    if not detail:
+        return ""
+    return REFUSED if f": {REFUSED}: " in detail else UNREACHABLE
 
 
 @dataclass(frozen=True)
@@ -52,8 +88,10 @@ def same_model(a: str, b: str) -> bool:
 class ProviderClients:
     """One client per backend, reused so HTTP connections are pooled across calls."""
 
-    def __init__(self, timeout: float = 300.0) -> None:
+    def __init__(self, timeout: float = 300.0, allowlist: "str | Allowlist | None" = None) -> None:
         self._timeout = timeout
+        # None reads CHAINLOOM_BACKEND_ALLOWLIST.
+        self._allowlist = backend_allowlist(allowlist)
         self._openai: dict[tuple[str, str], openai.AsyncOpenAI] = {}
         self._ollama: dict[str, ollama.AsyncClient] = {}
         self._models: dict[str, tuple[float, list[str]]] = {}
@@ -62,11 +100,18 @@ class ProviderClients:
         key = (backend.base_url, backend.api_key)
         client = self._openai.get(key)
         if client is None:
+            transport = PolicyTransport(self._allowlist, authorization=bool(backend.api_key))
+            # An httpx client: openai 1.x and 2.x use httpx, 3.x uses httpx2 and still takes
+            # an httpx client (typed as httpx2's, hence Any).
+            http_client: Any = httpx.AsyncClient(
+                transport=transport, follow_redirects=True, timeout=self._timeout
+            )
             client = openai.AsyncOpenAI(
                 base_url=backend.base_url,
                 api_key=backend.api_key or "not-needed",
                 max_retries=0,
                 timeout=self._timeout,
+                http_client=http_client,
             )
             self._openai[key] = client
         return client
@@ -74,7 +119,7 @@ class ProviderClients:
     def _ollama_client(self, backend: BackendRef) -> ollama.AsyncClient:
         client = self._ollama.get(backend.base_url)
         if client is None:
-            client = ollama.AsyncClient(host=backend.base_url, timeout=self._timeout)
+            client = ollama_client(backend.base_url, self._timeout, self._allowlist)
             self._ollama[backend.base_url] = client
         return client
 
@@ -233,6 +278,12 @@ class ProviderClients:
         self._ollama.clear()
 
 
+def ollama_client(base_url: str, timeout: Any, allowlist: Allowlist) -> ollama.AsyncClient:
+    """An ollama client under the outbound policy; it never sends a key (ollama has none)."""
+    transport = PolicyTransport(allowlist, authorization=False)
+    return ollama.AsyncClient(host=base_url, timeout=timeout, transport=transport)
+
+
 def wire_name(name: str) -> str:
     """A tool name every provider accepts: letters, digits, _ and - only."""
     return "".join(ch if ch.isalnum() or ch in "_-" else "__" for ch in name)[:64]
@@ -256,7 +307,17 @@ def classify(err: Exception, backend: BackendRef) -> ProviderError:
     """Sort a client error into transient (retry, fail over) or permanent (fail the task)."""
     if isinstance(err, ProviderError):
         return err
-    where = f"backend {backend.name}"
+    name = backend.name
+    where = f"backend {name}"
+    # The openai client wraps what its transport raised (a refusal) as a connection error.
+    policy = _policy_failure(err)
+    if isinstance(policy, OutboundRefused):
+        # Policy, not luck: the same address is refused on every try.
+        return ProviderError(
+            f"{where}: {policy.message}", transient=False, backend=name, refused=True
+        )
+    if isinstance(policy, OutboundError):
+        return ProviderError(f"{where}: {policy.message}", transient=policy.transient, backend=name)
     if isinstance(err, openai.APIStatusError):
         status = err.status_code
         detail = _openai_message(err)
@@ -264,21 +325,44 @@ def classify(err: Exception, backend: BackendRef) -> ProviderError:
             f"{where}: HTTP {status}: {detail}",
             transient=status in TRANSIENT_STATUSES,
             status=status,
+            backend=name,
         )
     if isinstance(err, openai.APIConnectionError | openai.APITimeoutError):
-        return ProviderError(f"{where}: cannot reach {backend.base_url}: {err}", transient=True)
+        return ProviderError(
+            f"{where}: cannot reach {backend.base_url}: {err}", transient=True, backend=name
+        )
     if isinstance(err, ollama.ResponseError):
         status = err.status_code
         return ProviderError(
             f"{where}: HTTP {status}: {err.error}",
             transient=status in TRANSIENT_STATUSES or status < 0,
             status=status,
+            backend=name,
         )
-    if isinstance(err, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError):
-        return ProviderError(f"{where}: cannot reach {backend.base_url}: {err!r}", transient=True)
-    if isinstance(err, ConnectionError | TimeoutError):
-        return ProviderError(f"{where}: cannot reach {backend.base_url}: {err!r}", transient=True)
-    return ProviderError(f"{where}: {type(err).__name__}: {err}", transient=False)
+    if isinstance(
+        err,
+        httpx.TimeoutException
+        | httpx.NetworkError
+        | httpx.RemoteProtocolError
+        | ConnectionError
+        | TimeoutError,
+    ):
+        return ProviderError(
+            f"{where}: cannot reach {backend.base_url}: {err!r}", transient=True, backend=name
+        )
+    return ProviderError(f"{where}: {type(err).__name__}: {err}", transient=False, backend=name)
+
+
+def _policy_failure(err: BaseException) -> BaseException | None:
+    """The outbound policy's refusal or DNS failure behind `err`, if that is what it is."""
+    seen: BaseException | None = err
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, OutboundRefused | OutboundError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _openai_message(err: openai.APIStatusError) -> str:

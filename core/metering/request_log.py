@@ -53,6 +53,15 @@ def note_run(run_id: str) -> None:
         holder["run_id"] = run_id
 
 
+def note_change(text: str) -> None:
+    """Adds `text` to the current request's audit entry (its `detail`): what a change did to
+    secrets and where they go, which the method and path alone do not tell."""
+    holder = _run_holder.get()
+    if holder is not None:
+        prior = holder.get("detail")
+        holder["detail"] = f"{prior}; {text}" if prior else text
+
+
 def operation_of(method: str, template: str) -> str:
     if method == "POST":
         if template.rstrip("/") in STARTS_RUNS:
@@ -65,7 +74,11 @@ def operation_of(method: str, template: str) -> str:
 
 
 def entry(
-    scope: Mapping[str, Any], status: int, duration_ms: float, run_id: str | None
+    scope: Mapping[str, Any],
+    status: int,
+    duration_ms: float,
+    run_id: str | None,
+    detail: str = "",
 ) -> RequestLogRow | None:
     """The log row of a finished request, or None when it is not logged."""
     principal = (scope.get("state") or {}).get("principal")
@@ -93,6 +106,8 @@ def entry(
         subject_id=subject_id[:400],
         run_id=run_id,
         client=str(client[0])[:64] if client else "",
+        # A refused change did nothing, whatever the route meant to note.
+        detail=detail[:2000] if status < 400 else "",
     )
 
 
