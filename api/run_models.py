@@ -150,6 +150,15 @@ class TaskChainFailure(ErrorBody):
     )
 
 
+class ApprovalConflict(ErrorBody):
+    """A 409 from POST /runs/{id}/approve: `run_not_waiting` (then `currentTask` names the
+    task the run is on, null before its first task) or `run_not_running`."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    current_task: str | None = Field(None, alias="currentTask")
+
+
 class RunSummary(_Camel):
     id: str
     workflow_id: str

@@ -192,5 +192,6 @@ def test_openapi_types_every_run_route(client: httpx.Client) -> None:
     }
     approve = paths["/runs/{id}/approve"]["post"]
     assert set(approve["responses"]) >= {"200", "404", "409", "503"}
+    assert "currentTask" in _response_schema(doc, "/runs/{id}/approve", "post", 409)["properties"]
     body = _schema(doc, approve["requestBody"]["content"]["application/json"]["schema"])
     assert set(body["properties"]) == {"approved", "comment", "payload"}

@@ -13,6 +13,7 @@ from api.deps import PrincipalDep, StateDep, page_limit
 from api.errors import APIError, ErrorBody, error_body
 from api.run_listing import list_page
 from api.run_models import (
+    ApprovalConflict,
     ApprovalRequest,
     ApprovalResult,
     CapturedStateUnit,
@@ -172,7 +173,11 @@ async def get_run(id: str, state: StateDep, principal: PrincipalDep) -> RunView:
     f"status is `waiting`. 503 when no worker takes the decision within "
     f"{APPROVE_WAIT_SECONDS:g} s.",
     response_model=ApprovalResult,
-    responses={**_NOT_FOUND, **_CONFLICT, **_UNAVAILABLE},
+    responses={
+        **_NOT_FOUND,
+        409: {"model": ApprovalConflict, "description": "The run waits for no approval."},
+        **_UNAVAILABLE,
+    },
 )
 async def approve_run(
     id: str,
