@@ -425,14 +425,12 @@ def test_list_runs_by_status_and_chain_in_visibility_order(
         # Unfinished runs first, newest started first; then finished ones, the most recently
         # finished first (the order of the dev server's SQL visibility store).
         order = [running, waiting, cancelled, failed, done]
-        runs = listed(http, ids_are(*order), chainId=chain_id)
-        assert [r["status"] for r in runs] == [
-            "running",
-            "waiting",
-            "cancelled",
-            "failed",
-            "completed",
-        ]
+        statuses = ["running", "waiting", "cancelled", "failed", "completed"]
+        # Polled for the statuses too: RunPhase reaches visibility a moment after the run.
+        want = list(zip(order, statuses, strict=True))
+        runs = listed(
+            http, lambda rs: [(r["id"], r["status"]) for r in rs] == want, chainId=chain_id
+        )
         for summary in runs:
             assert set(summary) == {"id", "workflowId", "chainId", "status", "createdAt"}
             view = get_run(clean_stack, summary["id"])
@@ -523,9 +521,10 @@ def test_another_tenant_sees_none_of_the_runs(clean_stack: Stack, llm: ScriptedL
     try:
         theirs = other.post("/runs", json={"chain": chain, "input": "b"})
         assert theirs.status_code == 202, theirs.text
-        # Both runs are in visibility once each tenant sees its own; then neither sees more.
-        listed(http, ids_are(mine["id"]), chainId=chain["id"])
-        listed(other, ids_are(theirs.json()["id"]), chainId=chain["id"])
+        # Both runs are in visibility, waiting, once each tenant sees its own so; then neither
+        # sees more.
+        for http_, run_id in ((http, mine["id"]), (other, theirs.json()["id"])):
+            listed(http_, ids_are(run_id), chainId=chain["id"], status="waiting")
         runs = other.get("/runs", params={"limit": 200}).json()
         assert [r["id"] for r in runs] == [theirs.json()["id"]]
         assert other.get("/runs", params={"status": "waiting"}).json() == runs
