@@ -1,16 +1,21 @@
-"""Starting chain runs as workflows and reading them back."""
+"""Chain runs as the API shows them: starting one, reading one, answering its approval task.
+
+A run's status is read from Temporal every time (describe, the progress query, the result);
+nothing here writes it back. Listing lives in api/run_listing.py.
+"""
 
 import asyncio
 from datetime import timedelta
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import select
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -18,39 +23,27 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.chain_validation import validate_chain
 from api.deps import AppState, Principal
 from api.errors import APIError, not_found
+from api.run_models import ApprovalResult, RunView, TaskExecutionRequest
 from chains.spec import ChainDefinition
 from core.metering.request_log import note_run
-from core.models import RunRow, TaskChainRow, rfc3339, utcnow
+from core.models import RunRow, TaskChainRow
 from core.runs import RunInputTooLarge, start_chain_run
-from workflows.contracts import PROGRESS_QUERY
+from workflows.contracts import APPROVE_UPDATE, PROGRESS_QUERY, RUN_NOT_WAITING
+from workflows.types import ApprovalAccepted, ApprovalDecision
 
 FINAL = {"completed", "failed", "cancelled"}
-
-
-class TaskExecutionRequest(BaseModel):
-    """seed 003 execapi_taskExecutionRequest, plus `chainId` to run a stored chain."""
-
-    model_config = ConfigDict(populate_by_name=True)
-
-    chain: dict[str, Any] | None = Field(None, description="An inline chain definition.")
-    chain_id: str | None = Field(None, alias="chainId", description="Id of a stored chain.")
-    input: Any = None
-    input_type: str = Field("string", alias="inputType")
-
-
-class RunCreated(BaseModel):
-    id: str
-    workflow_id: str = Field(serialization_alias="workflowId")
-    status: str
+# How long POST /runs/{id}/approve waits for a worker to take the decision.
+APPROVE_WAIT_SECONDS = 15.0
 
 
 async def resolve_chain(
     state: AppState, principal: Principal, body: TaskExecutionRequest
 ) -> ChainDefinition:
-    if body.chain is not None and body.chain_id:
+    raw: Any = body.chain  # the JSON as sent: validate_chain checks it
+    if raw is not None and body.chain_id:
         raise APIError(400, "ambiguous_chain", "send either `chain` or `chainId`, not both")
-    if body.chain is not None:
-        return validate_chain(body.chain)
+    if raw is not None:
+        return validate_chain(raw)
     if not body.chain_id:
         raise APIError(
             422,
@@ -115,7 +108,7 @@ def failure_view(err: WorkflowFailureError) -> tuple[str, str, list[dict[str, An
     return "failed", str(cause or err), []
 
 
-_STATUS = {
+STATUS_NAMES = {
     WorkflowExecutionStatus.RUNNING: "running",
     WorkflowExecutionStatus.COMPLETED: "completed",
     WorkflowExecutionStatus.FAILED: "failed",
@@ -126,29 +119,27 @@ _STATUS = {
 }
 
 
-async def run_view(state: AppState, client: Client, row: RunRow) -> dict[str, Any]:
+async def run_view(client: Client, row: RunRow) -> RunView:
     handle = client.get_workflow_handle(row.workflow_id)
-    view: dict[str, Any] = {
+    fields: dict[str, Any] = {
         "id": row.id,
-        "workflowId": row.workflow_id,
-        "chainId": row.chain_id,
-        "createdAt": rfc3339(row.created_at),
-        "status": row.status,
-        "output": None,
-        "outputType": None,
-        "state": [],
-        "error": None,
-        "currentTask": None,
+        "workflow_id": row.workflow_id,
+        "chain_id": row.chain_id,
+        "created_at": row.created_at,
     }
     try:
         desc = await handle.describe(rpc_timeout=timedelta(seconds=10))
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND:
-            view["status"] = "failed"
-            view["error"] = "the workflow of this run no longer exists in Temporal (retention)"
-            return view
+            return RunView.model_validate(
+                fields
+                | {
+                    "status": "failed",
+                    "error": "the workflow of this run no longer exists in Temporal (retention)",
+                }
+            )
         raise APIError(503, "temporal_unavailable", f"cannot read the run: {err.message}") from err
-    status = _STATUS.get(desc.status or WorkflowExecutionStatus.RUNNING, "running")
+    status = STATUS_NAMES.get(desc.status or WorkflowExecutionStatus.RUNNING, "running")
     if status == "running":
         try:
             progress = await handle.query(PROGRESS_QUERY, rpc_timeout=timedelta(seconds=5))
@@ -156,30 +147,74 @@ async def run_view(state: AppState, client: Client, row: RunRow) -> dict[str, An
             if status in FINAL:
                 # It finished between describe and query; the next read carries the result.
                 status = "running"
-            view["state"] = progress.get("state", [])
-            view["currentTask"] = progress.get("currentTask") or None
+            fields["state"] = progress.get("state", [])
+            fields["current_task"] = progress.get("currentTask") or None
         except RPCError:
             pass  # no worker is polling right now; the status alone is still right
     elif status == "completed":
         result = await handle.result(rpc_timeout=timedelta(seconds=10))
-        view.update(output=result["output"], outputType=result["outputType"], state=result["state"])
+        fields.update(
+            output=result["output"], output_type=result["outputType"], state=result["state"]
+        )
     else:
         try:
             await handle.result(rpc_timeout=timedelta(seconds=10))
         except WorkflowFailureError as err:
             status, message, unit_state = failure_view(err)
-            view.update(error=message, state=unit_state)
-    view["status"] = status
-    if status in FINAL and row.status != status:
-        await asyncio.to_thread(_mark_final, state, row.id, status)
-    return view
+            fields.update(error=message, state=unit_state)
+    return RunView.model_validate(fields | {"status": status})
 
 
-def _mark_final(state: AppState, run_id: str, status: str) -> None:
-    with state.db.session() as session:
-        row = session.get(RunRow, run_id)
-        if row is not None:
-            row.status = status
-            row.finished_at = utcnow()
-            session.add(row)
-            session.commit()
+async def approve(client: Client, row: RunRow, decision: ApprovalDecision) -> ApprovalResult:
+    """Hand `decision` to the approval task the run waits on, through the approve update.
+
+    The workflow's validator refuses the update unless the run waits on an approval task, so
+    a decision sent early is answered 409 and never kept for a later task.
+    """
+    handle = client.get_workflow_handle(row.workflow_id)
+    try:
+        async with asyncio.timeout(APPROVE_WAIT_SECONDS):
+            accepted = await handle.execute_update(
+                APPROVE_UPDATE, decision, result_type=ApprovalAccepted
+            )
+    except WorkflowUpdateFailedError as err:
+        raise _refused(err, row.id) from err
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as err:
+        raise APIError(
+            503,
+            "no_worker",
+            f"no worker took the decision for run {row.id!r} within "
+            f"{APPROVE_WAIT_SECONDS:g} s, so it was not confirmed (a worker that picks it up "
+            "soon may still apply it): check GET /runs/{id} before sending it again",
+        ) from err
+    except RPCError as err:
+        raise closed_run(err, row.id) from err
+    return ApprovalResult(
+        id=row.id,
+        task_id=accepted.task_id,
+        approved=accepted.approved,
+        comment=accepted.comment,
+        payload=accepted.payload,
+        by=accepted.by,
+    )
+
+
+def _refused(err: WorkflowUpdateFailedError, run_id: str) -> APIError:
+    cause = err.cause
+    if isinstance(cause, ApplicationError) and cause.type == RUN_NOT_WAITING:
+        details = cause.details[0] if cause.details else None
+        task = details.get("currentTask") if isinstance(details, dict) else None
+        where = f"it is on task {task!r}" if task else "it is on no task"
+        return APIError(
+            409,
+            "run_not_waiting",
+            f"run {run_id!r} is not waiting for an approval: {where}",
+            extra={"currentTask": task},
+        )
+    return APIError(409, "approval_refused", f"run {run_id!r} refused the decision: {cause}")
+
+
+def closed_run(err: RPCError, run_id: str) -> APIError:
+    if err.status == RPCStatusCode.NOT_FOUND:
+        return APIError(409, "run_not_running", f"run {run_id!r} has already finished")
+    return APIError(503, "temporal_unavailable", err.message)

@@ -92,12 +92,8 @@ class RunRow(SQLModel, table=True):
     tenant_id: str = Field(max_length=64)
     workflow_id: str = Field(max_length=400, unique=True)
     chain_id: str = Field(max_length=200, index=True)
-    # Last status seen; Temporal is the source of truth while a run is open.
-    status: str = Field(default="running", max_length=32)
+    # No status here: a run's status is read from Temporal (GET /runs, GET /runs/{id}).
     created_at: datetime = _ts()
-    finished_at: datetime | None = Field(
-        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
-    )
 
 
 class AffinityGroupRow(SQLModel, table=True):

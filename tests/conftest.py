@@ -13,6 +13,7 @@ from core.db import Database
 from core.devserver import free_port, start_dev_server, stop_process, temporal_binary
 from tests.scripted_llm import ScriptedLLM
 from tests.stack import Stack
+from workflows.contracts import ALL_SEARCH_ATTRIBUTES
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -103,8 +104,8 @@ async def env() -> AsyncIterator[WorkflowEnvironment]:
         "history.visibilityProcessorMaxPollRPS",
     ):
         args += ["--dynamic-config-value", f"{key}=10000"]
-    for name in ("ChainId", "TenantId", "RunKind"):
-        args += ["--search-attribute", f"{name}=Keyword"]
+    for attr in ALL_SEARCH_ATTRIBUTES:
+        args += ["--search-attribute", f"{attr.name}=Keyword"]
     environment = await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_binary(), dev_server_extra_args=args
     )

@@ -7,14 +7,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
+from sqlmodel import select
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
+from temporalio.service import RPCError
 
+from api import run_service
+from chains.loader import load_chain
+from core.db import Database
+from core.models import RunRow
+from core.runs import start_chain_run
 from tests.scripted_llm import ScriptedLLM
 from tests.scripted_text import embed_vector
-from tests.stack import Stack
+from tests.stack import ApiThread, Stack
 from tests.test_api_resources import assert_error
 
 EXAMPLES = Path(__file__).parent.parent / "chains" / "examples"
@@ -223,13 +231,18 @@ def test_approval_approved(clean_stack: Stack, llm: ScriptedLLM) -> None:
         f"/runs/{created['id']}/approve", json={"approved": True, "comment": "ship it"}
     )
     assert resp.status_code == 200, resp.text
-    assert resp.json() == {"id": created["id"], "approved": True}
+    answer = resp.json()
+    assert set(answer) == {"id", "taskId", "approved", "comment", "payload", "by"}
+    assert answer["id"] == created["id"] and answer["taskId"] == "review"
+    assert answer["approved"] is True and answer["comment"] == "ship it"
+    assert answer["payload"] is None and answer["by"]
     view = wait_run(clean_stack, created["id"])
     assert view["status"] == "completed", view
     assert [u["taskID"] for u in view["state"]] == ["draft", "review", "publish"]
     assert view["output"] == "Draft announcement."
     review = view["state"][1]
     assert review["output"]["approved"] is True and review["output"]["comment"] == "ship it"
+    assert review["output"]["by"] == answer["by"]
     assert review["transition"] == "approved"
     assert view["state"][2]["print"] == "Published: Draft announcement."
     assert llm.count("/v1/chat/completions") == 1
@@ -246,16 +259,82 @@ def test_approval_approved(clean_stack: Stack, llm: ScriptedLLM) -> None:
 def test_approval_rejected(clean_stack: Stack, llm: ScriptedLLM) -> None:
     _, created = _start_gate(clean_stack, llm)
     resp = clean_stack.http.post(
-        f"/runs/{created['id']}/approve", json={"approved": False, "comment": "too long"}
+        f"/runs/{created['id']}/approve",
+        json={"approved": False, "comment": "too long", "payload": {"limit": 40}},
     )
     assert resp.status_code == 200, resp.text
+    assert resp.json()["approved"] is False and resp.json()["payload"] == {"limit": 40}
     view = wait_run(clean_stack, created["id"])
     assert view["status"] == "completed", view
     assert [u["taskID"] for u in view["state"]] == ["draft", "review", "revise"]
     assert view["state"][1]["transition"] == "rejected"
+    assert view["state"][1]["output"]["payload"] == {"limit": 40}
     assert view["output"] == "Revised announcement."
     revise_prompt = llm.requests[-1].body["messages"][-1]["content"]
     assert "too long" in revise_prompt and "Draft announcement." in revise_prompt
+
+
+def test_early_approval_is_409_and_the_run_waits_for_a_real_decision(
+    clean_stack: Stack, llm: ScriptedLLM
+) -> None:
+    """An approval sent while the run is still on an earlier task is refused, and nothing of
+    it is kept: the approval task still waits for a decision of its own."""
+    http = clean_stack.http
+    add_backend(clean_stack, "scripted", llm.openai_base)
+    llm.reply("announcement", "Draft announcement.", delay=3)
+    created = start(clean_stack, {"chain": approval_gate(unique("early")), "input": "x"})
+    view = wait_run(clean_stack, created["id"], lambda v: v["currentTask"] == "draft")
+    assert view["status"] == "running"
+    body = assert_error(
+        http.post(f"/runs/{created['id']}/approve", json={"approved": True, "comment": "early"}),
+        409,
+        "run_not_waiting",
+    )
+    assert "'draft'" in body["error"]["message"] and body["currentTask"] == "draft"
+    assert get_run(clean_stack, created["id"])["currentTask"] == "draft"  # still drafting
+
+    view = wait_run(clean_stack, created["id"], {"waiting", *FINAL})
+    assert view["status"] == "waiting" and view["currentTask"] == "review"
+    time.sleep(0.5)  # an approval kept from before would have moved the run on by now
+    assert get_run(clean_stack, created["id"])["status"] == "waiting"
+    resp = http.post(f"/runs/{created['id']}/approve", json={"approved": True, "comment": "now"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["taskId"] == "review" and resp.json()["comment"] == "now"
+    view = wait_run(clean_stack, created["id"])
+    assert view["status"] == "completed", view
+    assert view["state"][1]["output"]["comment"] == "now"
+
+
+def test_approve_unknown_run_and_no_worker(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert_error(stack.http.post("/runs/no-such-run/approve", json={}), 404, "not_found")
+    # A second API on a task queue no worker polls: the decision cannot be taken.
+    monkeypatch.setattr(run_service, "APPROVE_WAIT_SECONDS", 2.0)
+    settings = Stack.settings_for(
+        stack.settings.temporal_address, stack.settings.resolved_database_url()
+    )
+    api = ApiThread(settings).start()
+    gate = chain_of(unique("orphan"), {"id": "gate", "handler": "approval"})
+    try:
+        with httpx.Client(
+            base_url=api.url, headers={"X-API-Key": Stack.API_KEY}, timeout=60
+        ) as http:
+            created = http.post("/runs", json={"chain": gate, "input": "x"}).json()
+            started = time.monotonic()
+            body = assert_error(
+                http.post(f"/runs/{created['id']}/approve", json={}), 503, "no_worker"
+            )
+            assert time.monotonic() - started < 30
+            assert "no worker" in body["error"]["message"]
+    finally:
+        api.stop()
+
+    async def terminate() -> None:
+        client = await Client.connect(
+            settings.temporal_address, namespace=settings.temporal_namespace
+        )
+        await client.get_workflow_handle(created["workflowId"]).terminate("test over")
+
+    asyncio.run(terminate())
 
 
 def test_cancel_waiting_run(clean_stack: Stack, llm: ScriptedLLM) -> None:
@@ -274,79 +353,207 @@ def test_cancel_waiting_run(clean_stack: Stack, llm: ScriptedLLM) -> None:
 # --------------------------------------------------------------------------- listing
 
 
-def test_list_runs_newest_first_and_filters(clean_stack: Stack, llm: ScriptedLLM) -> None:
-    http = clean_stack.http
-    chain_id = unique("listed")
-    chain = chain_of(
-        chain_id, {"id": "gate", "handler": "approval"}, {"id": "n", "handler": "noop"}
-    )
-    other = chain_of(unique("other"), {"id": "n", "handler": "noop"})
-    first = start(clean_stack, {"chain": chain, "input": "one"})
-    wait_run(clean_stack, first["id"], {"waiting"})
-    assert http.post(f"/runs/{first['id']}/approve", json={"approved": True}).status_code == 200
-    wait_run(clean_stack, first["id"], {"completed"})
-    unrelated = start(clean_stack, {"chain": other, "input": "x"})
-    second = start(clean_stack, {"chain": chain, "input": "two"})
-    wait_run(clean_stack, second["id"], {"waiting"})
-    try:
-        listed = http.get("/runs", params={"chainId": chain_id})
-        assert listed.status_code == 200, listed.text
-        runs = listed.json()
-        assert [r["id"] for r in runs] == [second["id"], first["id"]]
-        assert [r["status"] for r in runs] == ["waiting", "completed"]
-        for run in runs:
-            assert set(run) == {"id", "workflowId", "chainId", "status", "createdAt"}
-            assert run["chainId"] == chain_id
-            # The same RFC 3339 time as GET /runs/{id}, finished or not.
-            assert run["createdAt"] == get_run(clean_stack, run["id"])["createdAt"]
-            assert run["createdAt"].endswith("Z")
-        assert runs[0]["createdAt"] > runs[1]["createdAt"]
-
-        def ids(**params: str) -> list[str]:
-            resp = http.get("/runs", params={"chainId": chain_id, **params})
-            assert resp.status_code == 200, resp.text
-            return [r["id"] for r in resp.json()]
-
-        assert ids(status="waiting") == [second["id"]]
-        assert ids(status="completed") == [first["id"]]
-        assert ids(status="running") == []
-        assert ids(status="failed") == []
-        assert ids(limit="1") == [second["id"]]
-        # Next page: the createdAt of the last run seen is the cursor.
-        assert ids(limit="1", cursor=runs[0]["createdAt"]) == [first["id"]]
-        assert ids(cursor=runs[1]["createdAt"]) == []
-        # Everything, newest first: the unrelated run sits between the two.
-        newest = [r["id"] for r in http.get("/runs", params={"limit": 3}).json()]
-        assert newest == [second["id"], unrelated["id"], first["id"]]
-        assert_error(http.get("/runs", params={"status": "sleeping"}), 422, "validation_error")
-    finally:
-        http.post(f"/runs/{second['id']}/cancel")
-    assert wait_run(clean_stack, second["id"])["status"] == "cancelled"
+def routed_chain(chain_id: str) -> dict[str, Any]:
+    """The input picks the ending: fail, wait (for an approval), slow (a model call), done."""
+    end = {"branches": [{"operator": "default", "goto": "end"}]}
+    return {
+        "id": chain_id,
+        "tasks": [
+            {
+                "id": "route",
+                "handler": "noop",
+                "transition": {
+                    "branches": [
+                        {"operator": "equals", "when": kind, "goto": target}
+                        for kind, target in (("fail", "boom"), ("wait", "gate"), ("slow", "ask"))
+                    ]
+                    + [{"operator": "default", "goto": "end"}]
+                },
+            },
+            {"id": "boom", "handler": "raise_error", "prompt_template": "boom", "transition": end},
+            {"id": "gate", "handler": "approval", "transition": end},
+            prompt_task("ask", "slowly {{ input }}", transition=end),
+        ],
+    }
 
 
-def test_status_pages_are_full_although_running_and_waiting_share_rows(
+def listed(
+    http: httpx.Client,
+    until: Callable[[list[dict[str, Any]]], bool],
+    timeout: float = 20.0,
+    **params: Any,
+) -> list[dict[str, Any]]:
+    """GET /runs until `until` holds: visibility catches up with a run a moment later."""
+    deadline = time.monotonic() + timeout
+    while True:
+        resp = http.get("/runs", params=params)
+        assert resp.status_code == 200, resp.text
+        if until(resp.json()):
+            return list(resp.json())
+        if time.monotonic() > deadline:
+            raise AssertionError(f"GET /runs {params} never got there: {resp.json()}")
+        time.sleep(0.2)
+
+
+def ids_are(*expected: str) -> Callable[[list[dict[str, Any]]], bool]:
+    return lambda runs: [r["id"] for r in runs] == list(expected)
+
+
+def test_list_runs_by_status_and_chain_in_visibility_order(
     clean_stack: Stack, llm: ScriptedLLM
 ) -> None:
-    """Unfinished rows are running or waiting; only the workflow knows which, so the list
-    reads on past rows of the other kind until the page is full."""
     http = clean_stack.http
     add_backend(clean_stack, "scripted", llm.openai_base)
-    gated = chain_of(unique("gated"), {"id": "gate", "handler": "approval"})
-    waiting = start(clean_stack, {"chain": gated, "input": "w"})
-    wait_run(clean_stack, waiting["id"], {"waiting"})
     llm.reply("slowly", "done", delay=30)
-    slow = chain_of(unique("slow"), prompt_task("p", "slowly {{ input }}", "gpt-4o-mini"))
-    running = [start(clean_stack, {"chain": slow, "input": str(i)}) for i in range(3)]
+    chain_id = unique("listed")
+    chain = routed_chain(chain_id)
+
+    def run(value: str, until: str) -> str:
+        created = start(clean_stack, {"chain": chain, "input": value})
+        wait_run(clean_stack, created["id"], {until})
+        return str(created["id"])
+
+    done = run("done", "completed")
+    failed = run("fail", "failed")
+    cancelled = run("wait", "waiting")
+    assert http.post(f"/runs/{cancelled}/cancel").status_code == 200
+    wait_run(clean_stack, cancelled, {"cancelled"})
+    other = start(clean_stack, {"chain": chain_of(unique("other"), {"id": "n", "handler": "noop"})})
+    waiting = run("wait", "waiting")
+    running = run("slow", "running")
     try:
-        for run in running:
-            wait_run(clean_stack, run["id"], {"running"})
-        page = http.get("/runs", params={"status": "waiting", "limit": 1})
-        assert page.status_code == 200, page.text
-        assert [r["id"] for r in page.json()] == [waiting["id"]]
-        assert len(http.get("/runs", params={"status": "running", "limit": 2}).json()) == 2
+        # Unfinished runs first, newest started first; then finished ones, the most recently
+        # finished first (the order of the dev server's SQL visibility store).
+        order = [running, waiting, cancelled, failed, done]
+        statuses = ["running", "waiting", "cancelled", "failed", "completed"]
+        # Polled for the statuses too: RunPhase reaches visibility a moment after the run.
+        want = list(zip(order, statuses, strict=True))
+        runs = listed(
+            http, lambda rs: [(r["id"], r["status"]) for r in rs] == want, chainId=chain_id
+        )
+        for summary in runs:
+            assert set(summary) == {"id", "workflowId", "chainId", "status", "createdAt"}
+            view = get_run(clean_stack, summary["id"])
+            assert summary["chainId"] == chain_id == view["chainId"]
+            assert summary["workflowId"] == view["workflowId"]
+            # The same RFC 3339 time as GET /runs/{id}, finished or not.
+            assert summary["createdAt"] == view["createdAt"] and summary["createdAt"][-1] == "Z"
+            assert summary["status"] == view["status"]
+        for status, expected in (
+            ("running", running),
+            ("waiting", waiting),
+            ("completed", done),
+            ("failed", failed),
+            ("cancelled", cancelled),
+        ):
+            listed(http, ids_are(expected), chainId=chain_id, status=status)
+        # Without chainId the tenant's other runs list too.
+        listed(http, lambda rs: {other["id"], *order} <= {r["id"] for r in rs}, limit=200)
+        assert_error(http.get("/runs", params={"status": "sleeping"}), 422, "validation_error")
+        # A chain id no chain can have lists nothing (and asks Temporal nothing).
+        assert http.get("/runs", params={"chainId": "it's"}).json() == []
+
+        # Approved, the waiting run leaves `waiting` (RunPhase goes back to running).
+        assert http.post(f"/runs/{waiting}/approve", json={}).status_code == 200
+        listed(http, ids_are(), chainId=chain_id, status="waiting")
+        listed(http, ids_are(waiting, done), chainId=chain_id, status="completed")
     finally:
-        for run in [waiting, *running]:
-            http.post(f"/runs/{run['id']}/cancel")
+        http.post(f"/runs/{running}/cancel")
+        http.post(f"/runs/{waiting}/cancel")
+
+
+def test_list_runs_pages_without_duplicates_or_gaps(clean_stack: Stack, llm: ScriptedLLM) -> None:
+    http = clean_stack.http
+    chain_id = unique("paged")
+    chain = chain_of(chain_id, {"id": "n", "handler": "noop"})
+    started = [start(clean_stack, {"chain": chain, "input": str(i)})["id"] for i in range(7)]
+    for run_id in started:
+        wait_run(clean_stack, run_id, {"completed"})
+    everything = listed(
+        http,
+        lambda rs: len(rs) == 7 and {r["status"] for r in rs} == {"completed"},
+        chainId=chain_id,
+    )
+    assert {r["id"] for r in everything} == set(started)
+
+    pages: list[list[str]] = []
+    cursor: str | None = None
+    while True:
+        params = {"chainId": chain_id, "limit": "3", **({"cursor": cursor} if cursor else {})}
+        resp = http.get("/runs", params=params)
+        assert resp.status_code == 200, resp.text
+        pages.append([r["id"] for r in resp.json()])
+        cursor = resp.headers.get("X-Next-Cursor")
+        if cursor is None:
+            break
+        assert len(pages) < 5, pages
+    assert [len(p) for p in pages if p] == [3, 3, 1]
+    assert [i for page in pages for i in page] == [r["id"] for r in everything]
+
+    first = http.get("/runs", params={"chainId": chain_id, "limit": "3"})
+    cursor = first.headers["X-Next-Cursor"]
+    # A cursor belongs to the listing it came from; anything else is a 400, not a 5xx.
+    for params in (
+        {"chainId": chain_id, "status": "failed", "cursor": cursor},
+        {"cursor": cursor},
+        {"chainId": chain_id, "cursor": cursor[:-4] + "AAAA"},
+        {"chainId": chain_id, "cursor": "2026-01-01T00:00:00Z"},
+        {"chainId": chain_id, "cursor": "%%%"},
+    ):
+        assert_error(http.get("/runs", params=params), 400, "invalid_cursor", param="cursor")
+
+
+def test_another_tenant_sees_none_of_the_runs(clean_stack: Stack, llm: ScriptedLLM) -> None:
+    http = clean_stack.http
+    chain = chain_of(unique("mine"), {"id": "gate", "handler": "approval"})
+    mine = start(clean_stack, {"chain": chain, "input": "a"})
+    wait_run(clean_stack, mine["id"], {"waiting"})
+    registered = http.post(
+        "/register",
+        json={"email": f"runs-{uuid.uuid4().hex[:10]}@example.com", "password": "a long secret"},
+    )
+    assert registered.status_code == 201, registered.text
+    other = httpx.Client(
+        base_url=clean_stack.api.url,
+        headers={"X-API-Key": registered.json()["apiKey"]["key"]},
+        timeout=60,
+    )
+    try:
+        theirs = other.post("/runs", json={"chain": chain, "input": "b"})
+        assert theirs.status_code == 202, theirs.text
+        # Both runs are in visibility, waiting, once each tenant sees its own so; then neither
+        # sees more.
+        for http_, run_id in ((http, mine["id"]), (other, theirs.json()["id"])):
+            listed(http_, ids_are(run_id), chainId=chain["id"], status="waiting")
+        runs = other.get("/runs", params={"limit": 200}).json()
+        assert [r["id"] for r in runs] == [theirs.json()["id"]]
+        assert other.get("/runs", params={"status": "waiting"}).json() == runs
+        for path in (f"/runs/{mine['id']}/approve", f"/runs/{mine['id']}/cancel"):
+            assert_error(other.post(path, json={}), 404, "not_found")
+        assert_error(other.get(f"/runs/{mine['id']}"), 404, "not_found")
+        assert get_run(clean_stack, mine["id"])["status"] == "waiting"
+        other.post(f"/runs/{theirs.json()['id']}/cancel")
+    finally:
+        other.close()
+        http.post(f"/runs/{mine['id']}/cancel")
+
+
+def test_a_failed_start_leaves_no_run_row(stack: Stack, db: Database) -> None:
+    """core.runs writes the run row before it starts the workflow, and takes it back when
+    the start fails, so GET /runs/{id} never shows a run Temporal does not have."""
+    chain = load_chain(chain_of(unique("unstarted"), {"id": "n", "handler": "noop"}))
+
+    async def start_in_missing_namespace() -> None:
+        client = await Client.connect(
+            stack.settings.temporal_address, namespace="no-such-namespace"
+        )
+        await start_chain_run(db, client, stack.settings, "default", chain, "x")
+
+    with pytest.raises(RPCError):
+        asyncio.run(start_in_missing_namespace())
+    with db.session() as session:
+        rows = session.exec(select(RunRow).where(RunRow.chain_id == chain.id)).all()
+    assert rows == []
 
 
 def test_workflow_visible_in_temporal(clean_stack: Stack, llm: ScriptedLLM) -> None:

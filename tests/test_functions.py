@@ -618,9 +618,13 @@ async def test_builtins_in_a_function_workflow(open_stack: Stack, llm: ScriptedL
     assert event["metadata"]["function"] == function
     stored = await asyncio.to_thread(http.get, "/events/type", params={"event_type": kind})
     assert [e["id"] for e in stored.json()] == [event["id"]]
-    # the inner chain is a run of its own
-    runs = await asyncio.to_thread(http.get, "/runs", params={"chainId": chain_id})
-    assert runs.status_code == 200, runs.text
+    # the inner chain is a run of its own (GET /runs reads visibility: it may lag a moment)
+    for _ in range(100):
+        runs = await asyncio.to_thread(http.get, "/runs", params={"chainId": chain_id})
+        assert runs.status_code == 200, runs.text
+        if [r["status"] for r in runs.json()] == ["completed"]:
+            break
+        await asyncio.sleep(0.2)
     assert [r["status"] for r in runs.json()] == ["completed"]
     http.delete(f"/functions/{function}")
     http.delete(f"/taskchains/{chain_id}")

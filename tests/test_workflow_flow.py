@@ -1,5 +1,6 @@
 """ChainWorkflow control flow: transitions, failures and retries, compose and templates,
-approvals, state and replay (see tests/chain_harness.py for the set-up)."""
+state and replay (see tests/chain_harness.py for the set-up; approvals have their own file,
+tests/test_workflow_approval.py)."""
 
 from typing import Any
 
@@ -24,12 +25,8 @@ from tests.chain_harness import (
     running_worker,
     task,
     units,
-    wait_for_status,
 )
 from workflows.chain import ChainWorkflow
-from workflows.types import (
-    ApprovalDecision,
-)
 
 # --- transitions ---------------------------------------------------------------------------
 
@@ -370,75 +367,6 @@ async def test_output_template(env: WorkflowEnvironment) -> None:
     assert score["outputType"] == "string"
     assert score["transition"] == "score=8 for essay"
     assert result["output"] == "score=8 for essay"
-
-
-# --- approval ------------------------------------------------------------------------------
-
-APPROVAL_CHAIN = chain(
-    task(
-        "draft", "prompt_to_string", prompt_template="Draft {{ input }}", transition=goto("review")
-    ),
-    task(
-        "review",
-        "approval",
-        timeout="1s",
-        transition={
-            "branches": [
-                {"operator": "equals", "when": "approved", "goto": "publish"},
-                {"operator": "equals", "when": "rejected", "goto": "revise"},
-            ]
-        },
-    ),
-    task("publish", "noop", input_var="draft", print="Published: {{ draft }}"),
-    task("revise", "noop", output_template="revise: {{ review.reason }}"),
-)
-
-
-async def test_approval_signal(env: WorkflowEnvironment) -> None:
-    llm = MockLLM({"Draft": "Big news"})
-    definition = {**APPROVAL_CHAIN, "tasks": [dict(t) for t in APPROVAL_CHAIN["tasks"]]}
-    definition["tasks"][1]["timeout"] = "20s"
-    async with running_worker(env, llm) as queue:
-        handle = await env.client.start_workflow(
-            "ChainWorkflow",
-            run_input(definition, "launch"),
-            id=new_id(),
-            task_queue=queue,
-            execution_timeout=RUN_TIMEOUT,
-        )
-        progress = await wait_for_status(handle, "waiting")
-        assert progress["currentTask"] == "review"
-        assert [u["taskID"] for u in progress["state"]] == ["draft"]
-        decision = ApprovalDecision(approved=True, comment="lgtm", payload={"n": 1}, by="alice")
-        await handle.signal("approve", decision)
-        result: dict[str, Any] = await handle.result()
-        history = await handle.fetch_history()
-    review = units(result)["review"]
-    assert review["output"] == {
-        "approved": True,
-        "comment": "lgtm",
-        "payload": {"n": 1},
-        "by": "alice",
-    }
-    assert review["transition"] == "approved"
-    assert units(result)["publish"]["print"] == "Published: Big news"
-    assert result["output"] == "Big news"
-    await Replayer(workflows=[ChainWorkflow], workflow_runner=RUNNER).replay_workflow(history)
-
-
-async def test_approval_timeout_rejects(env: WorkflowEnvironment) -> None:
-    llm = MockLLM({"Draft": "Big news"})
-    result = await run_chain(env, APPROVAL_CHAIN, "launch", llm)
-    review = units(result)["review"]
-    assert review["output"] == {
-        "approved": False,
-        "comment": "",
-        "payload": None,
-        "reason": "timeout",
-    }
-    assert review["transition"] == "rejected"
-    assert review["duration"] >= 1_000_000_000
-    assert result["output"] == "revise: timeout"
 
 
 # --- state, queries, requests, determinism -------------------------------------------------

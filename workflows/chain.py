@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         parse_duration,
     )
     from workflows.contracts import (
+        APPROVE_UPDATE,
         CHAIN_FAILED,
         CHAIN_WORKFLOW,
         HOOK_CALL,
@@ -35,9 +36,12 @@ with workflow.unsafe.imports_passed_through():
         PERMANENT_LLM_ERROR,
         PERMANENT_TOOL_ERROR,
         PROGRESS_QUERY,
+        RUN_NOT_WAITING,
+        RUN_PHASE,
         failure_message,
     )
     from workflows.types import (
+        ApprovalAccepted,
         ApprovalDecision,
         ChainRunInput,
         EmbedRequest,
@@ -56,6 +60,10 @@ with workflow.unsafe.imports_passed_through():
 TOOL_TIMEOUT = 90.0
 # Patch ids (docs/workflows.md): js.* tool calls used to go through hook_call.
 JS_TOOLS_DIRECT = "js-tools-direct"
+# Approvals arrive through the approve update (refused unless the run waits on an approval
+# task) and the wait is marked in RunPhase; before, the approve signal was queued, early ones
+# included.
+APPROVAL_UPDATE = "approval-update"
 TOOL_CALL = "tool-call"
 
 
@@ -75,6 +83,9 @@ class ChainWorkflow:
         self._status = "running"
         self._current = ""
         self._decisions: list[ApprovalDecision] = []
+        # The approval task the run waits on, and the decision the update gave it.
+        self._awaiting: str | None = None
+        self._answer: ApprovalDecision | None = None
         self._output: Any = None
         self._step = 0
 
@@ -87,9 +98,41 @@ class ChainWorkflow:
             "output": self._output,
         }
 
+    # Kept for replay only: histories recorded before APPROVAL_UPDATE carry this signal. The API
+    # no longer sends it, and runs past that patch ignore it (an early signal used to approve
+    # the next approval task in advance).
     @workflow.signal
     def approve(self, decision: ApprovalDecision) -> None:
         self._decisions.append(decision)
+
+    @workflow.update(name=APPROVE_UPDATE)
+    def decide(self, decision: ApprovalDecision) -> ApprovalAccepted:
+        if self._awaiting is None or self._answer is not None:
+            # Two decisions validated in one workflow task: the first one won.
+            raise self._not_waiting()
+        self._answer = decision
+        return ApprovalAccepted(
+            task_id=self._awaiting,
+            approved=decision.approved,
+            comment=decision.comment,
+            payload=decision.payload,
+            by=decision.by,
+        )
+
+    @decide.validator
+    def _waiting_for_decision(self, decision: ApprovalDecision) -> None:
+        # A refused update leaves no trace in the history: nothing is kept for a later task.
+        if self._awaiting is None or self._answer is not None:
+            raise self._not_waiting()
+
+    def _not_waiting(self) -> ApplicationError:
+        where = f"it is on task {self._current!r}" if self._current else "it is on no task"
+        return ApplicationError(
+            f"the run is not waiting for an approval: {where}",
+            {"currentTask": self._current or None},
+            type=RUN_NOT_WAITING,
+            non_retryable=True,
+        )
 
     @workflow.run
     async def run(self, params: ChainRunInput) -> dict[str, Any]:
@@ -481,24 +524,48 @@ class ChainWorkflow:
         return _Outcome(result.vector, "ok", meta)
 
     async def _approval(self, task: TaskDefinition) -> _Outcome:
+        # Histories from before the patch wait for the signal (and replay as they ran); an
+        # update can still answer them once this code runs them.
+        current = workflow.patched(APPROVAL_UPDATE)
         self._status = "waiting"
+        self._awaiting = task.id
+        self._answer = None
+        if current:
+            workflow.upsert_search_attributes([RUN_PHASE.value_set("waiting")])
         timeout = parse_duration(task.timeout)
+        timed_out = False
         try:
             await workflow.wait_condition(
-                lambda: bool(self._decisions),
+                lambda: self._answer is not None or (not current and bool(self._decisions)),
                 timeout=timedelta(seconds=timeout) if timeout else None,
             )
-            decision = self._decisions.pop(0)
+        except TimeoutError:
+            timed_out = True
+        finally:
+            self._status = "running"
+            self._awaiting = None
+            if current:
+                workflow.upsert_search_attributes([RUN_PHASE.value_set("running")])
+        # An accepted update was answered to its sender: it wins even over a timer that fired
+        # in the same workflow task.
+        decision = self._answer
+        self._answer = None
+        if decision is None and not timed_out and self._decisions:
+            decision = self._decisions.pop(0)  # the legacy signal, before the patch
+        if decision is None:
             output: dict[str, Any] = {
+                "approved": False,
+                "comment": "",
+                "payload": None,
+                "reason": "timeout",
+            }
+        else:
+            output = {
                 "approved": decision.approved,
                 "comment": decision.comment,
                 "payload": decision.payload,
                 "by": decision.by,
             }
-        except TimeoutError:
-            output = {"approved": False, "comment": "", "payload": None, "reason": "timeout"}
-        finally:
-            self._status = "running"
         return _Outcome(output, "approved" if output["approved"] else "rejected")
 
     def _deterministic(

@@ -23,7 +23,8 @@ FUNCTION_WORKFLOW = "FunctionWorkflow"
 STATE_SYNC_WORKFLOW = "StateSyncWorkflow"
 DOWNLOAD_WORKFLOW = "ModelDownloadWorkflow"
 
-# ChainWorkflow's query and update.
+# ChainWorkflow's query and update. The update shares its name with the `approve` signal that
+# older histories carry (the SDK and the server keep signal and update names apart).
 PROGRESS_QUERY = "progress"
 APPROVE_UPDATE = "approve"
 # ModelDownloadWorkflow's signals and query.
@@ -63,14 +64,17 @@ JS_HOST_CRASHED = "JSHostCrashed"
 JS_BUSY = "JSBusy"
 # A model pull that can never succeed (unknown model, backend gone): not retried.
 PULL_FAILED = "ModelPullFailed"
+# An approval sent to a chain run that is not waiting on an approval task; its details carry
+# {"currentTask": <task id or null>}.
+RUN_NOT_WAITING = "RunNotWaiting"
 
 # --------------------------------------------------------------------------- search attributes
 
 CHAIN_ID = SearchAttributeKey.for_keyword("ChainId")
 TENANT_ID = SearchAttributeKey.for_keyword("TenantId")
 RUN_KIND = SearchAttributeKey.for_keyword("RunKind")
-# "waiting" while a chain run waits for an approval, else "running"; lets GET /runs filter in
-# one visibility query.
+# "waiting" while a chain run waits for an approval, "running" once it moves on (unset before
+# its first approval task); lets GET /runs filter in one visibility query.
 RUN_PHASE = SearchAttributeKey.for_keyword("RunPhase")
 
 ALL_SEARCH_ATTRIBUTES = (CHAIN_ID, TENANT_ID, RUN_KIND, RUN_PHASE)

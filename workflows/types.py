@@ -97,6 +97,17 @@ class ApprovalDecision:
 
 
 @dataclass
+class ApprovalAccepted:
+    """What the approve update answers: the decision and the approval task it went to."""
+
+    task_id: str
+    approved: bool
+    comment: str = ""
+    payload: Any = None
+    by: str = ""
+
+
+@dataclass
 class ToolsRequest:
     """Which hooks' tools to offer a model (execute_config.hooks minus hide_tools)."""
 

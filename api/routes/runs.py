@@ -1,32 +1,54 @@
 """POST /tasks (run and wait, seed 003) and the asynchronous /runs API."""
 
 import asyncio
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Query, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
-from sqlmodel import col, select
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 
-from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
-from api.errors import APIError, error_body
-from api.run_service import (
-    FINAL,
+from api.deps import PrincipalDep, StateDep, page_limit
+from api.errors import APIError, ErrorBody, error_body
+from api.run_listing import list_page
+from api.run_models import (
+    ApprovalConflict,
+    ApprovalRequest,
+    ApprovalResult,
+    CapturedStateUnit,
+    RunCancelled,
     RunCreated,
+    RunSummary,
+    RunView,
+    TaskChainFailure,
     TaskExecutionRequest,
+    TaskExecutionResponse,
+)
+from api.run_service import (
+    APPROVE_WAIT_SECONDS,
+    approve,
+    closed_run,
     failure_view,
     get_run_row,
     resolve_chain,
     run_view,
     start_run,
 )
-from core.models import RunRow, as_utc, rfc3339
 from workflows.types import ApprovalDecision
 
 router = APIRouter(tags=["runs"])
+
+NEXT_CURSOR = "X-Next-Cursor"
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "No such run in the caller's tenant."}
+}
+_CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorBody, "description": "The run is not in a state that allows this."}
+}
+_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorBody, "description": "Temporal or a worker did not answer in time."}
+}
 
 
 @router.post(
@@ -34,6 +56,15 @@ router = APIRouter(tags=["runs"])
     summary="Executes dynamic task-chain workflows.",
     description="Runs the chain and waits for its result (up to CHAINLOOM_TASKS_WAIT_TIMEOUT); "
     "a run still going after that answers 202 with the run id to poll on /runs/{id}.",
+    response_model=TaskExecutionResponse,
+    responses={
+        202: {"model": RunCreated, "description": "Still running: poll GET /runs/{id}."},
+        422: {
+            "model": TaskChainFailure,
+            "description": "An invalid request, or a chain that failed or was cancelled "
+            "(then `id`, `workflowId` and `state` say which run and how far it got).",
+        },
+    },
 )
 async def execute_task(body: TaskExecutionRequest, state: StateDep, principal: PrincipalDep) -> Any:
     chain = await resolve_chain(state, principal, body)
@@ -41,124 +72,134 @@ async def execute_task(body: TaskExecutionRequest, state: StateDep, principal: P
     try:
         result = await asyncio.wait_for(handle.result(), state.settings.tasks_wait_timeout)
     except TimeoutError:
-        created = RunCreated(id=run.id, workflow_id=run.workflow_id, status="running")
-        return JSONResponse(created.model_dump(by_alias=True), status_code=202)
+        created = RunCreated.model_validate(run)
+        return JSONResponse(created.model_dump(mode="json", by_alias=True), status_code=202)
     except WorkflowFailureError as err:
         status, message, unit_state = failure_view(err)
-        body_ = error_body(422, f"chain_{status}", message)
-        body_.update(id=run.id, workflowId=run.workflow_id, state=unit_state)
-        return JSONResponse(body_, status_code=422)
-    return {
-        "id": run.id,
-        "output": result["output"],
-        "outputType": result["outputType"],
-        "state": result["state"],
-    }
-
-
-@router.post("/runs", status_code=202, summary="Starts a chain run without waiting.")
-async def create_run(
-    body: TaskExecutionRequest, state: StateDep, principal: PrincipalDep
-) -> dict[str, Any]:
-    chain = await resolve_chain(state, principal, body)
-    run, _ = await start_run(state, principal, chain, body)
-    return RunCreated(id=run.id, workflow_id=run.workflow_id, status="running").model_dump(
-        by_alias=True
+        failure = TaskChainFailure.model_validate(
+            error_body(422, f"chain_{status}", message)
+            | {
+                "id": run.id,
+                "workflowId": run.workflow_id,
+                "state": [CapturedStateUnit.model_validate(u) for u in unit_state],
+            }
+        )
+        return JSONResponse(failure.model_dump(mode="json", by_alias=True), status_code=422)
+    return TaskExecutionResponse(
+        id=run.id, output=result["output"], output_type=result["outputType"], state=result["state"]
     )
 
 
-# At most this many pages of unfinished runs are read for one page of "running" or "waiting".
-_MAX_BATCHES = 10
+@router.post(
+    "/runs",
+    status_code=202,
+    summary="Starts a chain run without waiting.",
+    response_model=RunCreated,
+)
+async def create_run(
+    body: TaskExecutionRequest, state: StateDep, principal: PrincipalDep
+) -> RunCreated:
+    chain = await resolve_chain(state, principal, body)
+    run, _ = await start_run(state, principal, chain, body)
+    return RunCreated.model_validate(run)
 
 
-@router.get("/runs", summary="Lists runs, newest first.")
+@router.get(
+    "/runs",
+    summary="Lists runs: unfinished ones first (newest started first), then finished ones "
+    "(most recently finished first).",
+    description="Read from Temporal's visibility store in one call per page, so a run that "
+    "just started or changed may take a moment to show. The `X-Next-Cursor` response header "
+    "carries the cursor of the next page (absent after the last page; the page before it may "
+    "be full); pass it back as `cursor` with the same `chainId` and `status`. A run that "
+    "finishes while you page can show up twice, once unfinished and once finished.",
+    response_model=list[RunSummary],
+    responses={
+        200: {
+            "headers": {
+                NEXT_CURSOR: {
+                    "description": "The cursor of the next page, when there is one.",
+                    "schema": {"type": "string"},
+                }
+            }
+        },
+        400: {"model": ErrorBody, "description": "A bad limit or cursor."},
+        **_UNAVAILABLE,
+    },
+)
 async def list_runs(
     state: StateDep,
     principal: PrincipalDep,
+    response: Response,
     chain_id: str | None = Query(None, alias="chainId"),
     status: Literal["running", "waiting", "completed", "failed", "cancelled"] | None = None,
-    limit: str | None = None,
-    cursor: str | None = Query(None, description="createdAt of the last run seen."),
-) -> list[dict[str, Any]]:
-    before = parse_cursor(cursor)
+    limit: str | None = Query(None, description="Runs per page: 1 to 200, 50 by default."),
+    cursor: str | None = Query(None, description="The X-Next-Cursor of the previous page."),
+) -> list[RunSummary]:
     size = page_limit(limit, default=50, maximum=200)
-
-    def load(after: datetime | None) -> list[RunRow]:
-        query = select(RunRow).where(RunRow.tenant_id == principal.tenant_id)
-        if chain_id:
-            query = query.where(RunRow.chain_id == chain_id)
-        if status in FINAL:
-            query = query.where(RunRow.status == status)
-        elif status:
-            query = query.where(col(RunRow.status).not_in(list(FINAL)))
-        if after is not None:
-            query = query.where(col(RunRow.created_at) < after)
-        query = query.order_by(col(RunRow.created_at).desc(), col(RunRow.id)).limit(size)
-        with state.db.session() as session:
-            return list(session.exec(query).all())
-
     client = await state.temporal.get()
-    found: list[dict[str, Any]] = []
-    # "running" and "waiting" are both unfinished rows; only the workflow knows which, so a
-    # page of rows can hold fewer matches than asked for: read on until the page is full.
-    for _ in range(_MAX_BATCHES):
-        rows = await asyncio.to_thread(load, before)
-        views = await asyncio.gather(*(_summary(state, client, row) for row in rows))
-        found += [v for v in views if status is None or v["status"] == status]
-        if len(rows) < size or len(found) >= size:
-            break
-        before = as_utc(rows[-1].created_at)
-    return found[:size]
+    runs, next_cursor = await list_page(
+        state,
+        client,
+        principal.tenant_id,
+        chain_id=chain_id,
+        status=status,
+        size=size,
+        cursor=cursor,
+    )
+    if next_cursor:
+        response.headers[NEXT_CURSOR] = next_cursor
+    return runs
 
 
-async def _summary(state: Any, client: Any, row: RunRow) -> dict[str, Any]:
-    if row.status in FINAL:
-        return {
-            "id": row.id,
-            "workflowId": row.workflow_id,
-            "chainId": row.chain_id,
-            "status": row.status,
-            "createdAt": rfc3339(row.created_at),
-        }
-    view = await run_view(state, client, row)
-    return {k: view[k] for k in ("id", "workflowId", "chainId", "status", "createdAt")}
-
-
-@router.get("/runs/{id}", summary="A run's status, output, error and per-task state.")
-async def get_run(id: str, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+@router.get(
+    "/runs/{id}",
+    summary="A run's status, output, error and per-task state.",
+    response_model=RunView,
+    responses={**_NOT_FOUND, **_UNAVAILABLE},
+)
+async def get_run(id: str, state: StateDep, principal: PrincipalDep) -> RunView:
     row = await asyncio.to_thread(get_run_row, state, principal, id)
     client = await state.temporal.get()
-    return await run_view(state, client, row)
+    return await run_view(client, row)
 
 
-class ApprovalBody(BaseModel):
-    approved: bool = True
-    comment: str = ""
-    payload: Any = None
-
-
-@router.post("/runs/{id}/approve", summary="Answers a waiting approval task.")
+@router.post(
+    "/runs/{id}/approve",
+    summary="Answers the approval task the run waits on.",
+    description="The decision goes to the approval task the run is waiting on, and the answer "
+    "says which. A run that is not waiting for an approval (it is on another task, or has "
+    "finished) answers 409 and keeps nothing for later: send the decision once the run's "
+    f"status is `waiting`. 503 when no worker takes the decision within "
+    f"{APPROVE_WAIT_SECONDS:g} s.",
+    response_model=ApprovalResult,
+    responses={
+        **_NOT_FOUND,
+        409: {"model": ApprovalConflict, "description": "The run waits for no approval."},
+        **_UNAVAILABLE,
+    },
+)
 async def approve_run(
     id: str,
     state: StateDep,
     principal: PrincipalDep,
-    body: ApprovalBody = Body(default_factory=ApprovalBody),
-) -> dict[str, Any]:
+    body: ApprovalRequest = Body(default_factory=ApprovalRequest),
+) -> ApprovalResult:
     row = await asyncio.to_thread(get_run_row, state, principal, id)
     client = await state.temporal.get()
-    handle = client.get_workflow_handle(row.workflow_id)
     decision = ApprovalDecision(
         approved=body.approved, comment=body.comment, payload=body.payload, by=principal.key_id
     )
-    try:
-        await handle.signal("approve", decision, rpc_timeout=timedelta(seconds=10))
-    except RPCError as err:
-        raise _closed(err, id) from err
-    return {"id": row.id, "approved": body.approved}
+    return await approve(client, row, decision)
 
 
-@router.post("/runs/{id}/cancel", summary="Cancels a running chain run.")
-async def cancel_run(id: str, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+@router.post(
+    "/runs/{id}/cancel",
+    summary="Cancels a running chain run.",
+    response_model=RunCancelled,
+    responses={**_NOT_FOUND, **_CONFLICT, **_UNAVAILABLE},
+)
+async def cancel_run(id: str, state: StateDep, principal: PrincipalDep) -> RunCancelled:
     row = await asyncio.to_thread(get_run_row, state, principal, id)
     client = await state.temporal.get()
     handle = client.get_workflow_handle(row.workflow_id)
@@ -169,11 +210,5 @@ async def cancel_run(id: str, state: StateDep, principal: PrincipalDep) -> dict[
             raise APIError(409, "run_not_running", f"run {id!r} has already finished")
         await handle.cancel(rpc_timeout=timedelta(seconds=10))
     except RPCError as err:
-        raise _closed(err, id) from err
-    return {"id": row.id, "status": "cancelling"}
-
-
-def _closed(err: RPCError, run_id: str) -> APIError:
-    if err.status == RPCStatusCode.NOT_FOUND:
-        return APIError(409, "run_not_running", f"run {run_id!r} has already finished")
-    return APIError(503, "temporal_unavailable", err.message)
+        raise closed_run(err, id) from err
+    return RunCancelled(id=row.id)

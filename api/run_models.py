@@ -1,0 +1,191 @@
+"""Request and response bodies of POST /tasks and the /runs routes.
+
+One model per shape, used for both the OpenAPI document and the body the route sends, so a
+generated client gets the fields the API really answers with. Field names follow seed 003
+(execapi_taskExecutionRequest, execapi_taskExecutionResponse, taskengine_CapturedStateUnit).
+"""
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SkipValidation,
+    WithJsonSchema,
+)
+from pydantic.alias_generators import to_camel
+
+from api.errors import ErrorBody
+from chains.spec import ChainDefinition
+from core.models import rfc3339
+
+RunStatus = Literal["running", "waiting", "completed", "failed", "cancelled"]
+
+# Stored times are UTC; the API writes them as RFC 3339 with a Z, like every other route.
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(rfc3339, return_type=str),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+
+
+class _Camel(BaseModel):
+    # Keys with a default are still always sent: the document marks them required.
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        from_attributes=True,
+        json_schema_serialization_defaults_required=True,
+    )
+
+
+def _absent_when_none(description: str) -> Any:
+    """A key the state unit carries only for some handlers: left out, never null."""
+    return Field(None, description=description, exclude_if=lambda value: value is None)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class TaskExecutionRequest(_Camel):
+    """seed 003 execapi_taskExecutionRequest, plus `chainId` to run a stored chain."""
+
+    # Documented as a chain definition but checked by the chain loader (api/chain_validation),
+    # whose 422 names every problem by JSON pointer and lints gotos as well.
+    chain: SkipValidation[ChainDefinition | None] = Field(
+        None, description="An inline chain definition (send this or `chainId`)."
+    )
+    chain_id: str | None = Field(None, description="Id of a stored chain (POST /taskchains).")
+    input: Any = Field(None, description="The chain's input: text, a chat history or any JSON.")
+    input_type: str = Field("string", description="What the input is, e.g. string or chat_history.")
+
+
+class ApprovalRequest(_Camel):
+    approved: bool = True
+    comment: str = ""
+    payload: Any = Field(None, description="Anything the approval task should hand on.")
+
+
+# --------------------------------------------------------------------------- state units
+
+
+class TaskError(BaseModel):
+    """seed 003 taskengine_ErrorResponse: empty when the task succeeded."""
+
+    error: str
+
+
+class CapturedStateUnit(BaseModel):
+    """seed 003 taskengine_CapturedStateUnit: what one task did in a run."""
+
+    # Later versions may record more per task; a client keeps what it does not know.
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    task_id: str = Field(alias="taskID")
+    task_handler: str = Field(alias="taskHandler")
+    input_var: str = Field(alias="inputVar", description="Which variable was used as input.")
+    input: str
+    input_type: str = Field(alias="inputType")
+    output: Any
+    output_type: str = Field(alias="outputType")
+    transition: str
+    duration: int = Field(description="In nanoseconds.")
+    error: TaskError
+    attempt: int | None = _absent_when_none("Which try of retry_on_failure this was (from 1).")
+    started_at: str | None = Field(
+        None, alias="startedAt", description="RFC 3339.", exclude_if=lambda v: v is None
+    )
+    model: str | None = _absent_when_none("The model that answered (model tasks).")
+    backend: str | None = _absent_when_none("The backend that answered (model tasks).")
+    input_tokens: int | None = Field(None, alias="inputTokens", exclude_if=lambda v: v is None)
+    output_tokens: int | None = Field(None, alias="outputTokens", exclude_if=lambda v: v is None)
+    failed_over: list[str] | None = Field(
+        None,
+        alias="failedOver",
+        description="Backends tried first that failed.",
+        exclude_if=lambda v: v is None,
+    )
+    print_: str | None = Field(
+        None, alias="print", description="The rendered `print`.", exclude_if=lambda v: v is None
+    )
+    logs: list[str] | None = _absent_when_none("console output of a js task.")
+    debug: dict[str, Any] | None = _absent_when_none(
+        "With `debug: true`: the rendered messages and the raw answer."
+    )
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class TaskExecutionResponse(_Camel):
+    """seed 003 execapi_taskExecutionResponse, plus the run id."""
+
+    id: str
+    output: Any
+    output_type: str
+    state: list[CapturedStateUnit]
+
+
+class RunCreated(_Camel):
+    """A run that was started: poll GET /runs/{id}."""
+
+    id: str
+    workflow_id: str
+    status: Literal["running"] = "running"
+
+
+class TaskChainFailure(ErrorBody):
+    """A 422: the request was invalid, or (with `id`, `workflowId` and `state`) the chain ran
+    and failed or was cancelled."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    id: str | None = Field(None, description="The failed run.", exclude_if=lambda v: v is None)
+    workflow_id: str | None = Field(None, alias="workflowId", exclude_if=lambda v: v is None)
+    state: list[CapturedStateUnit] | None = Field(
+        None, description="The tasks that ran.", exclude_if=lambda v: v is None
+    )
+
+
+class ApprovalConflict(ErrorBody):
+    """A 409 from POST /runs/{id}/approve: `run_not_waiting` (then `currentTask` names the
+    task the run is on, null before its first task) or `run_not_running`."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    current_task: str | None = Field(None, alias="currentTask")
+
+
+class RunSummary(_Camel):
+    id: str
+    workflow_id: str
+    chain_id: str
+    status: RunStatus
+    created_at: Timestamp
+
+
+class RunView(RunSummary):
+    output: Any = None
+    output_type: str | None = None
+    state: list[CapturedStateUnit] = []
+    error: str | None = None
+    current_task: str | None = Field(None, description="The task the run is on, while it runs.")
+
+
+class ApprovalResult(_Camel):
+    """The decision the run's approval task received."""
+
+    id: str = Field(description="The run.")
+    task_id: str = Field(description="The approval task that received the decision.")
+    approved: bool
+    comment: str
+    payload: Any
+    by: str = Field(description="Who decided (the API key or user id).")
+
+
+class RunCancelled(_Camel):
+    id: str
+    status: Literal["cancelling"] = "cancelling"
