@@ -45,6 +45,16 @@ async def runner() -> AsyncIterator[JSRunner]:
 
 
 @pytest.fixture(scope="module")
+async def roomy() -> AsyncIterator[JSRunner]:
+    """A time limit far beyond the memory bombs, so a busy machine (a slow bomb) still meets
+    the memory limit first: these tests are about memory, not time."""
+    r = JSRunner(timeout=60.0, memory_mb=128, wall_timeout=90.0)
+    await r.warm()
+    yield r
+    await r.close()
+
+
+@pytest.fixture(scope="module")
 async def quick() -> AsyncIterator[JSRunner]:
     """A short time limit, for the tests that must run into it."""
     r = JSRunner(timeout=1.5, memory_mb=128, wall_timeout=4.0)
@@ -188,8 +198,8 @@ async def test_runaway_code_stops_at_the_time_limit(quick: JSRunner, script: str
     ],
     ids=["array-1e9-fill", "heap-growth", "map-growth", "string-growth"],
 )
-async def test_memory_bombs_stop_at_the_memory_limit(runner: JSRunner, script: str) -> None:
-    error, _ = await _fails_within(runner, script, LIMIT)
+async def test_memory_bombs_stop_at_the_memory_limit(roomy: JSRunner, script: str) -> None:
+    error, _ = await _fails_within(roomy, script, 60.0)
     assert error.kind == "memory", error.message
     assert "memory limit of 128 MB" in error.message
     assert "CHAINLOOM_JS_MEMORY_MB" in error.message
@@ -471,7 +481,11 @@ def test_bad_functions_fail_their_task_and_the_worker_keeps_going(clean_stack: S
     good = create(clean_stack, "function main(input) { return 'ok ' + input; }")
     cases = {
         "function main() { while (true) {} }": "time limit of 5 s",
-        "function main() { return new Array(1e9).fill(1).length; }": "memory limit of 128 MB",
+        # Grows 8 MB a step: meets the memory limit in well under a second even on a busy
+        # machine (new Array(1e9).fill(1) takes seconds, and a loaded machine hits 5 s first).
+        "function main() { var a = []; for (;;) a.push(new Array(1e6).fill(0.5)); }": (
+            "memory limit of 128 MB"
+        ),
         "function main() { return require('fs'); }": "ReferenceError: require is not defined",
         "function main() { throw new Error('nope'); }": "Error: nope",
     }
