@@ -264,3 +264,39 @@ def openai_chat_response(history: dict[str, Any], response_id: str, created: int
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
+
+
+def payload_size(value: Any) -> int:
+    """Bytes `value` takes as a Temporal payload (the SDK's JSON: compact, ASCII-escaped)."""
+    return len(json.dumps(value, separators=(",", ":"), default=str))
+
+
+# What a unit's large fields become when a run's state must shrink to fit a payload.
+_BULKY = ("input", "output", "transition", "print", "debug", "error")
+
+
+def trim_state(state: list[dict[str, Any]], max_bytes: int) -> list[dict[str, Any]]:
+    """`state` with its largest fields replaced by a note until it fits in `max_bytes`.
+
+    A failed run hands its state back in the failure's details; a state larger than
+    Temporal's payload limit would make that failure itself impossible to record.
+    """
+    if payload_size(state) <= max_bytes:
+        return state
+    fields = sorted(
+        (
+            (payload_size(unit[name]), index, name)
+            for index, unit in enumerate(state)
+            for name in _BULKY
+            if name in unit
+        ),
+        reverse=True,
+    )
+    trimmed = [dict(unit) for unit in state]
+    total = payload_size(state)
+    for size, index, name in fields:
+        if total <= max_bytes or size <= 64:
+            break
+        trimmed[index][name] = f"[{size} bytes left out: the run's state was too large]"
+        total -= size - 70
+    return trimmed
