@@ -18,6 +18,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.chain_validation import validate_chain
 from api.deps import AppState, Principal
 from api.errors import APIError, not_found
+from api.run_health import CANCELLED_PREFIX, stuck_reason
 from chains.spec import ChainDefinition
 from core.metering.request_log import note_run
 from core.models import RunRow, TaskChainRow, rfc3339, utcnow
@@ -103,6 +104,9 @@ def failure_view(err: WorkflowFailureError) -> tuple[str, str, list[dict[str, An
     if isinstance(cause, CancelledError):
         return "cancelled", "the run was cancelled", []
     if isinstance(cause, TerminatedError):
+        if cause.message.startswith(CANCELLED_PREFIX):
+            # POST /runs/{id}/cancel ended a run that could not stop by itself.
+            return "cancelled", cause.message, []
         return "failed", f"the run was terminated: {cause.message}", []
     if isinstance(cause, ApplicationError):
         state: list[dict[str, Any]] = []
@@ -146,7 +150,14 @@ async def run_view(state: AppState, client: Client, row: RunRow) -> dict[str, An
             return view
         raise APIError(503, "temporal_unavailable", f"cannot read the run: {err.message}") from err
     status = _STATUS.get(desc.status or WorkflowExecutionStatus.RUNNING, "running")
-    if status == "running":
+    try:
+        reason = await stuck_reason(client, desc)
+    except RPCError:
+        reason = None
+    if status == "running" and reason is not None:
+        # Its query would replay into the same failure and time out: the reason says it all.
+        view["error"] = f"the run is stuck: {reason}"
+    elif status == "running":
         try:
             progress = await handle.query(PROGRESS_QUERY, rpc_timeout=timedelta(seconds=5))
             status = progress.get("status", "running")

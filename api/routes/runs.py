@@ -13,6 +13,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
 from api.errors import APIError, error_body
+from api.run_health import cancel, result_unless_stuck
 from api.run_service import (
     FINAL,
     RunCreated,
@@ -33,13 +34,15 @@ router = APIRouter(tags=["runs"])
     "/tasks",
     summary="Executes dynamic task-chain workflows.",
     description="Runs the chain and waits for its result (up to CHAINLOOM_TASKS_WAIT_TIMEOUT); "
-    "a run still going after that answers 202 with the run id to poll on /runs/{id}.",
+    "a run still going after that answers 202 with the run id to poll on /runs/{id}. A run "
+    "whose workflow task keeps failing is ended and answers 422 with the failure.",
 )
 async def execute_task(body: TaskExecutionRequest, state: StateDep, principal: PrincipalDep) -> Any:
     chain = await resolve_chain(state, principal, body)
     run, handle = await start_run(state, principal, chain, body)
+    client = await state.temporal.get()
     try:
-        result = await asyncio.wait_for(handle.result(), state.settings.tasks_wait_timeout)
+        result = await result_unless_stuck(client, handle, state.settings.tasks_wait_timeout)
     except TimeoutError:
         created = RunCreated(id=run.id, workflow_id=run.workflow_id, status="running")
         return JSONResponse(created.model_dump(by_alias=True), status_code=202)
@@ -157,7 +160,13 @@ async def approve_run(
     return {"id": row.id, "approved": body.approved}
 
 
-@router.post("/runs/{id}/cancel", summary="Cancels a running chain run.")
+@router.post(
+    "/runs/{id}/cancel",
+    summary="Cancels a running chain run.",
+    description="Answers `cancelled` once the run has stopped, or `cancelling` while it still "
+    "winds down (e.g. an activity acknowledging the cancel). A run whose workflow task keeps "
+    "failing cannot stop by itself: it is terminated, and shows as cancelled with the reason.",
+)
 async def cancel_run(id: str, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
     row = await asyncio.to_thread(get_run_row, state, principal, id)
     client = await state.temporal.get()
@@ -167,10 +176,10 @@ async def cancel_run(id: str, state: StateDep, principal: PrincipalDep) -> dict[
         desc = await handle.describe(rpc_timeout=timedelta(seconds=10))
         if desc.status != WorkflowExecutionStatus.RUNNING:
             raise APIError(409, "run_not_running", f"run {id!r} has already finished")
-        await handle.cancel(rpc_timeout=timedelta(seconds=10))
+        status = await cancel(client, handle)
     except RPCError as err:
         raise _closed(err, id) from err
-    return {"id": row.id, "status": "cancelling"}
+    return {"id": row.id, "status": status}
 
 
 def _closed(err: RPCError, run_id: str) -> APIError:
