@@ -335,12 +335,13 @@ _SKIP = frozenset({"data", "whitespace", "comment", "linecomment"})
 
 def check_source(env: jinja2.Environment, source: str) -> int:
     """Refuse a template too big or too deeply nested to compile quickly (see above);
-    answer how many tokens its tags hold."""
-    tokens = tag_tokens = brackets = blocks = 0
+    answer what compiling it weighs, in tokens (literal text weighs one per 256 characters)."""
+    tokens = tag_tokens = brackets = blocks = text = 0
     first = ""
     assigns = False
     for _, kind, value in env.lex(source):
         if kind in _SKIP:
+            text += len(value)
             continue
         tokens += 1
         if kind in ("block_begin", "variable_begin"):
@@ -371,7 +372,7 @@ def check_source(env: jinja2.Environment, source: str) -> int:
         raise LimitExceeded(
             f"template has {tokens} tokens in its tags; split it below {MAX_TOKENS}"
         )
-    return tokens
+    return tokens + text // 256
 
 
 # --------------------------------------------------------------------------- instrumenting

@@ -168,10 +168,15 @@ def compile_template(template: str) -> jinja2.Template:
 
 @functools.lru_cache(maxsize=512)
 def _variables(template: str) -> frozenset[str]:
+    source = go_to_jinja(template)
     try:
-        ast = _ENV.parse(go_to_jinja(template))
+        # A template a run could not compile is refused here already (lint, the API).
+        template_sandbox.check_source(_ENV, source)
+        ast = _ENV.parse(source)
     except jinja2.TemplateSyntaxError as exc:
         raise _compile_error(exc) from None
+    except LimitExceeded as exc:
+        raise TemplateCompileError(f"template over a limit: {exc}") from None
     return frozenset(meta.find_undeclared_variables(ast))
 
 

@@ -52,6 +52,12 @@ def test_template_bombs_fail_promptly(stack: Stack, bomb: str) -> None:
     assert view["state"][0]["error"]["error"].startswith("template error: template over a limit")
 
 
+def test_templates_too_big_to_compile_are_refused_up_front(stack: Stack) -> None:
+    chain = bomb_chain("{{ input }}" * 4000)
+    body = assert_error(stack.http.post("/tasks", json={"chain": chain}), 422, "invalid_chain")
+    assert "template over a limit: template has 12000 tokens" in body["error"]["message"]
+
+
 def test_memory_bombs_keep_the_worker_small(stack: Stack) -> None:
     """Three concurrent renders of a 2 GB string (2.1 GB peak in the probe): refused before
     the string exists. The worker runs in this process, whose peak RSS must barely move."""
