@@ -134,6 +134,18 @@ async def test_result_over_the_payload_limit_fails_the_run_readably(
     assert any("left out" in str(u["output"]) for u in state)
 
 
+def test_state_is_trimmed_to_fit_a_payload() -> None:
+    big = [{"taskID": f"t{i}", "input": "i" * 10_000, "output": "o" * 10_000} for i in range(3)]
+    trimmed = engine.trim_state(big, 25_000)
+    assert engine.payload_size(trimmed) <= 25_000
+    assert [u["taskID"] for u in trimmed] == ["t0", "t1", "t2"]
+    many = [{"taskID": f"t{i}", "output": "ok"} for i in range(10_000)]
+    trimmed = engine.trim_state(many, 10_000)
+    assert engine.payload_size(trimmed) <= 10_000
+    assert trimmed[-1]["taskID"] == "t9999" and len(trimmed) > 100
+    assert engine.trim_state(big[:1], 25_000) == big[:1]
+
+
 async def test_interpreter_exceptions_fail_the_run(env: WorkflowEnvironment) -> None:
     """A `gt` branch whose `when` is no number raises ValueError in workflow code; with
     worker.WORKFLOW_FAILURE_TYPES the run fails with it instead of retrying forever."""
