@@ -16,7 +16,10 @@ Values that could blow up are checked *before* they are built: ``*``, ``**``, ``
 ``ljust``, ``zfill`` or ``replace``, and ``str.format`` fields. No value may be larger than a
 render's output may be, and integers stay under about 4000 digits (Python prints up to 4300).
 
-Counts depend only on the template and its variables, so a replay counts the same.
+Compiling is bounded too: a template is refused before parsing past a size and nesting that
+Jinja compiles in about 0.1 s (check_source). Counts depend only on the templates and their
+variables, so a replay counts the same. The renders of one workflow task share a budget (see
+chains.template_meter.Allowance): they all run before the worker reports back.
 """
 
 import functools
