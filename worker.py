@@ -5,6 +5,7 @@ import logging
 import signal
 from datetime import timedelta
 
+import jinja2
 from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
@@ -14,6 +15,7 @@ from activities.functions import FunctionActivities
 from activities.hooks import HookActivities
 from activities.llm import LLMActivities, all_activities
 from activities.sync import SyncActivities
+from chains.engine import TaskFailure
 from core.backends.providers import ProviderClients
 from core.config import Settings, get_settings
 from core.db import Database
@@ -41,6 +43,23 @@ PASSTHROUGH = (
     "pydantic_core",
     "jinja2",
     "markupsafe",
+)
+
+# Exceptions from chainloom's own deterministic workflow code (a chain with a `gt` branch whose
+# `when` is no number, a definition that no longer validates, a bug meeting odd data). The SDK
+# retries the workflow task on anything that is not a Temporal failure, and a retry replays the
+# same history into the same code: the run would stay `running` forever. These fail the run
+# with their message instead. NondeterminismError (and its bases) are left out on purpose: a
+# run that meets changed code recovers when the old code is deployed again.
+WORKFLOW_FAILURE_TYPES: tuple[type[BaseException], ...] = (
+    TaskFailure,
+    jinja2.TemplateError,
+    ValueError,
+    TypeError,
+    LookupError,
+    ArithmeticError,
+    AttributeError,
+    RecursionError,
 )
 
 
@@ -96,6 +115,7 @@ def build_worker(
         workflow_runner=SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
         ),
+        workflow_failure_exception_types=WORKFLOW_FAILURE_TYPES,
     )
 
 

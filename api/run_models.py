@@ -188,4 +188,6 @@ class ApprovalResult(_Camel):
 
 class RunCancelled(_Camel):
     id: str
-    status: Literal["cancelling"] = "cancelling"
+    # "cancelled" once the run stopped (a run whose workflow task kept failing is terminated),
+    # "cancelling" while it still winds down, else how it finished in the meantime.
+    status: Literal["cancelled", "cancelling", "completed", "failed"] = "cancelling"

@@ -23,6 +23,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.chain_validation import validate_chain
 from api.deps import AppState, Principal
 from api.errors import APIError, not_found
+from api.run_health import CANCELLED_PREFIX, stuck_reason
 from api.run_models import ApprovalResult, RunView, TaskExecutionRequest
 from chains.spec import ChainDefinition
 from core.metering.request_log import note_run
@@ -99,6 +100,9 @@ def failure_view(err: WorkflowFailureError) -> tuple[str, str, list[dict[str, An
     if isinstance(cause, CancelledError):
         return "cancelled", "the run was cancelled", []
     if isinstance(cause, TerminatedError):
+        if cause.message.startswith(CANCELLED_PREFIX):
+            # POST /runs/{id}/cancel ended a run that could not stop by itself.
+            return "cancelled", cause.message, []
         return "failed", f"the run was terminated: {cause.message}", []
     if isinstance(cause, ApplicationError):
         state: list[dict[str, Any]] = []
@@ -140,7 +144,14 @@ async def run_view(client: Client, row: RunRow) -> RunView:
             )
         raise APIError(503, "temporal_unavailable", f"cannot read the run: {err.message}") from err
     status = STATUS_NAMES.get(desc.status or WorkflowExecutionStatus.RUNNING, "running")
-    if status == "running":
+    try:
+        reason = await stuck_reason(client, desc)
+    except RPCError:
+        reason = None
+    if status == "running" and reason is not None:
+        # Its query would replay into the same failure and time out: the reason says it all.
+        fields["error"] = f"the run is stuck: {reason}"
+    elif status == "running":
         try:
             progress = await handle.query(PROGRESS_QUERY, rpc_timeout=timedelta(seconds=5))
             status = progress.get("status", "running")

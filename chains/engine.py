@@ -264,3 +264,56 @@ def openai_chat_response(history: dict[str, Any], response_id: str, created: int
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
+
+
+def payload_size(value: Any) -> int:
+    """Bytes `value` takes as a Temporal payload (the SDK's JSON: compact, ASCII-escaped)."""
+    return len(json.dumps(value, separators=(",", ":"), default=str))
+
+
+# What a unit's large fields become when a run's state must shrink to fit a payload.
+_BULKY = ("input", "output", "transition", "print", "debug", "error")
+
+
+def _field_size(value: Any) -> int:
+    if isinstance(value, str) and value.isascii():
+        return len(value) + 2  # cheap, and exact unless it holds quotes or control characters
+    return payload_size(value)
+
+
+def trim_state(state: list[dict[str, Any]], max_bytes: int) -> list[dict[str, Any]]:
+    """`state` with its largest fields replaced by a note until it fits in `max_bytes`, and
+    then, if that is not enough, only its latest units.
+
+    A failed run hands its state back in the failure's details; a state larger than
+    Temporal's payload limit would make that failure itself impossible to record.
+    """
+    if payload_size(state) <= max_bytes:
+        return state
+    fields = sorted(
+        (
+            (_field_size(unit[name]), index, name)
+            for index, unit in enumerate(state)
+            for name in _BULKY
+            if name in unit
+        ),
+        reverse=True,
+    )
+    trimmed = [dict(unit) for unit in state]
+    total = payload_size(state)
+    for size, index, name in fields:
+        if total <= max_bytes or size <= 64:
+            break
+        trimmed[index][name] = f"[{size} bytes left out: the run's state was too large]"
+        total -= size - 70
+    if total <= max_bytes:
+        return trimmed
+    # Many small units (a long loop): keep the latest ones, which led to the failure.
+    kept: list[dict[str, Any]] = []
+    room = max_bytes
+    for unit in reversed(trimmed):
+        room -= payload_size(unit) + 1
+        if room < 0:
+            break
+        kept.append(unit)
+    return kept[::-1]

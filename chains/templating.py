@@ -2,7 +2,9 @@
 
 This module is imported inside Temporal workflows, so everything here must be deterministic and
 free of I/O: no loaders (templates only come from strings), no clock, no randomness. Jinja's
-``random`` filter and ``lipsum`` global are removed for that reason.
+``random`` filter and ``lipsum`` global are removed for that reason. Renders are limited in
+output size and in work, counted deterministically (chains/template_sandbox.py); a template
+over a limit fails with TemplateLimitError.
 
 contenox chains use Go ``text/template`` syntax (``{{.input}}``); the common subset of it, a dot
 path at the start of an action, is rewritten to Jinja before compiling.
@@ -10,18 +12,27 @@ path at the start of an action, is rewritten to Jinja before compiling.
 
 import functools
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import jinja2
 from jinja2 import meta
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from chains import template_meter, template_sandbox
+from chains.template_meter import ALLOWANCE_FACTOR, Allowance, LimitExceeded, Limits, Meter
 
 __all__ = [
+    "ALLOWANCE_FACTOR",
+    "DEFAULT_LIMITS",
     "TEMPLATE_BUILTINS",
+    "UNLIMITED",
+    "Allowance",
+    "Limits",
     "TemplateCompileError",
     "TemplateError",
+    "TemplateLimitError",
     "TemplateRenderError",
     "TemplateSecurityError",
     "UndefinedVariableError",
@@ -30,6 +41,11 @@ __all__ = [
     "render",
     "template_variables",
 ]
+
+# The defaults of CHAINLOOM_TEMPLATE_MAX_OUTPUT_BYTES and CHAINLOOM_TEMPLATE_MAX_OPERATIONS.
+DEFAULT_LIMITS = Limits(512 * 1024, 100_000)
+# For runs recorded before templates had limits: they must replay as they ran.
+UNLIMITED = Limits(math.inf, math.inf)
 
 
 class TemplateError(jinja2.TemplateError):
@@ -67,6 +83,10 @@ class TemplateRenderError(TemplateError):
     """Any other failure while rendering (a type error in an expression, ...)."""
 
 
+class TemplateLimitError(TemplateError):
+    """The template built too much or did too much work (chains/template_sandbox.py)."""
+
+
 def _to_text(value: Any) -> Any:
     # Outputs of earlier tasks are often dicts/lists (chat histories, parsed key/values); a
     # prompt wants them as JSON, not as Python reprs. Booleans follow JSON/Go spelling so that
@@ -85,21 +105,10 @@ def _tojson(value: Any, indent: int | None = None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent, default=str)
 
 
-def _make_environment() -> ImmutableSandboxedEnvironment:
+def _make_environment() -> jinja2.Environment:
     # The immutable sandbox also stops templates from mutating workflow state through
     # methods such as `list.append` on a variable.
-    env = ImmutableSandboxedEnvironment(
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-        finalize=_to_text,
-        keep_trailing_newline=True,
-        auto_reload=False,
-        cache_size=0,
-    )
-    env.filters.pop("random", None)
-    env.globals.pop("lipsum", None)
-    env.filters["tojson"] = _tojson
-    return env
+    return template_sandbox.environment(finalize=_to_text, tojson=_tojson)
 
 
 _ENV = _make_environment()
@@ -143,19 +152,31 @@ def _compile_error(exc: jinja2.TemplateSyntaxError) -> TemplateCompileError:
 
 @functools.lru_cache(maxsize=512)
 def compile_template(template: str) -> jinja2.Template:
-    """Compile (and cache) a template; raises TemplateCompileError on a syntax error."""
+    """Compile (and cache) a template; raises TemplateCompileError on a syntax error and
+    TemplateLimitError for a template too big to compile quickly."""
+    source = go_to_jinja(template)
     try:
-        return _ENV.from_string(go_to_jinja(template))
+        tokens = template_sandbox.check_source(_ENV, source)
+        compiled = _ENV.from_string(source)
+        compiled.chainloom_tokens = tokens  # type: ignore[attr-defined]
+        return compiled
     except jinja2.TemplateSyntaxError as exc:
         raise _compile_error(exc) from None
+    except LimitExceeded as exc:
+        raise TemplateLimitError(f"template over a limit: {exc}") from None
 
 
 @functools.lru_cache(maxsize=512)
 def _variables(template: str) -> frozenset[str]:
+    source = go_to_jinja(template)
     try:
-        ast = _ENV.parse(go_to_jinja(template))
+        # A template a run could not compile is refused here already (lint, the API).
+        template_sandbox.check_source(_ENV, source)
+        ast = _ENV.parse(source)
     except jinja2.TemplateSyntaxError as exc:
         raise _compile_error(exc) from None
+    except LimitExceeded as exc:
+        raise TemplateCompileError(f"template over a limit: {exc}") from None
     return frozenset(meta.find_undeclared_variables(ast))
 
 
@@ -179,11 +200,28 @@ def _undefined_error(exc: jinja2.UndefinedError, variables: Mapping[str, Any]) -
     return UndefinedVariableError(f"template uses an undefined value: {message}")
 
 
-def render(template: str, variables: Mapping[str, Any]) -> str:
-    """Render ``template`` with ``variables``; every failure is a ``TemplateError``."""
-    compiled = compile_template(template)
+def render(
+    template: str,
+    variables: Mapping[str, Any],
+    limits: Limits = DEFAULT_LIMITS,
+    allowance: Allowance | None = None,
+) -> str:
+    """Render ``template`` with ``variables``; every failure is a ``TemplateError``.
+
+    The output may hold at most ``limits.max_chars`` bytes (UTF-8) and the render may do at
+    most ``limits.max_operations`` operations, and no more than ``allowance`` has left when
+    one is given (several renders sharing one budget).
+    """
+    meter = Meter(limits, allowance)
+    token = template_meter.activate(meter)
     try:
-        return compiled.render(dict(variables))
+        compiled = compile_template(template)
+        if allowance is not None:
+            allowance.pay_compile(compiled.chainloom_tokens)  # type: ignore[attr-defined]
+            meter.budget = min(limits.max_operations, allowance.remaining)
+        return _generate(compiled, variables, limits.max_chars)
+    except LimitExceeded as exc:
+        raise TemplateLimitError(f"template over a limit: {exc}") from None
     except jinja2.UndefinedError as exc:
         raise _undefined_error(exc, variables) from None
     except jinja2.exceptions.SecurityError as exc:
@@ -194,3 +232,21 @@ def render(template: str, variables: Mapping[str, Any]) -> str:
         # Expression errors (1 + 'a', division by zero, ...) surface as one error type so the
         # workflow can fail the task with a readable message instead of crashing.
         raise TemplateRenderError(f"template failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        template_meter.deactivate(token)
+        meter.settle()
+
+
+def _generate(compiled: jinja2.Template, variables: Mapping[str, Any], limit: float) -> str:
+    # Rendering chunk by chunk stops a template as soon as its output passes the limit,
+    # instead of after it has built all of it.
+    parts: list[str] = []
+    size = 0
+    for chunk in compiled.generate(dict(variables)):
+        size += len(chunk) if chunk.isascii() else len(chunk.encode("utf-8", "replace"))
+        if size > limit:
+            raise LimitExceeded(
+                f"template output is over {limit:.0f} bytes (CHAINLOOM_TEMPLATE_MAX_OUTPUT_BYTES)"
+            )
+        parts.append(chunk)
+    return "".join(parts)

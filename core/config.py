@@ -41,6 +41,16 @@ class Settings(BaseSettings):
     llm_timeout: float = Field(300.0, alias="CHAINLOOM_LLM_TIMEOUT")
     # A worker that dies mid-call is noticed after this long, and the call moves on.
     llm_heartbeat_timeout: float = Field(20.0, alias="CHAINLOOM_LLM_HEARTBEAT_TIMEOUT")
+    # Chain limits (docs/chains.md, "Limits"): the bytes a template may render (and the size
+    # of any value it builds), the operations one render may do (loop iterations, calls, text
+    # handled), the bytes of a task's output, and of a run's whole result, which must stay
+    # under the Temporal server's payload limit (limit.blobSize.error, 2 MiB by default).
+    template_max_output_bytes: int = Field(
+        512 * 1024, ge=1, alias="CHAINLOOM_TEMPLATE_MAX_OUTPUT_BYTES"
+    )
+    template_max_operations: int = Field(100_000, ge=1, alias="CHAINLOOM_TEMPLATE_MAX_OPERATIONS")
+    task_output_max_bytes: int = Field(512 * 1024, ge=1, alias="CHAINLOOM_TASK_OUTPUT_MAX_BYTES")
+    run_result_max_bytes: int = Field(2_000_000, ge=1, alias="CHAINLOOM_RUN_RESULT_MAX_BYTES")
     # Routing caches the backend, health and group tables this long inside a worker; a model
     # it cannot place makes it look again at once, so additions are never missed.
     routing_cache_seconds: float = Field(5.0, alias="CHAINLOOM_ROUTING_CACHE_SECONDS")

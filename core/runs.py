@@ -64,6 +64,10 @@ def run_options(settings: Settings) -> RunOptions:
         llm_max_attempts=settings.llm_max_attempts,
         llm_timeout=settings.llm_timeout,
         llm_heartbeat_timeout=settings.llm_heartbeat_timeout,
+        template_max_output_bytes=settings.template_max_output_bytes,
+        template_max_operations=settings.template_max_operations,
+        task_output_max_bytes=settings.task_output_max_bytes,
+        run_result_max_bytes=settings.run_result_max_bytes,
     )
 
 

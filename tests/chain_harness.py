@@ -21,7 +21,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from worker import PASSTHROUGH
+from worker import PASSTHROUGH, WORKFLOW_FAILURE_TYPES
 from workflows.chain import ChainWorkflow
 from workflows.types import (
     ChainRunInput,
@@ -128,6 +128,7 @@ async def running_worker(env: WorkflowEnvironment, llm: MockLLM) -> AsyncIterato
         workflows=[ChainWorkflow],
         activities=llm.activities(),
         workflow_runner=RUNNER,
+        workflow_failure_exception_types=WORKFLOW_FAILURE_TYPES,
     ):
         yield queue
 

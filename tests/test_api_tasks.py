@@ -155,7 +155,7 @@ def test_tasks_answers_202_with_the_run_when_it_takes_long(stack: Stack) -> None
             _conforms(doc, created, body)
             cancelled = http.post(f"/runs/{body['id']}/cancel")
             assert cancelled.status_code == 200, cancelled.text
-            assert cancelled.json() == {"id": body["id"], "status": "cancelling"}
+            assert cancelled.json() == {"id": body["id"], "status": "cancelled"}
     finally:
         api.stop()
 

@@ -64,6 +64,9 @@ JS_TOOLS_DIRECT = "js-tools-direct"
 # task) and the wait is marked in RunPhase; before, the approve signal was queued, early ones
 # included.
 APPROVAL_UPDATE = "approval-update"
+# Templates, task outputs and the result are limited (RunOptions); runs recorded before
+# replay unlimited.
+CHAIN_LIMITS = "chain-limits"
 TOOL_CALL = "tool-call"
 
 
@@ -88,6 +91,10 @@ class ChainWorkflow:
         self._answer: ApprovalDecision | None = None
         self._output: Any = None
         self._step = 0
+        self._limited = False
+        self._limits = templating.UNLIMITED
+        self._allowance: templating.Allowance | None = None
+        self._allowance_at = -1
 
     @workflow.query(name=PROGRESS_QUERY)
     def progress(self) -> dict[str, Any]:
@@ -139,6 +146,12 @@ class ChainWorkflow:
         chain = ChainDefinition.model_validate(params.chain)
         self._params = params
         self._chain = chain
+        if workflow.patched(CHAIN_LIMITS):
+            self._limited = True
+            opts = params.options
+            self._limits = templating.Limits(
+                opts.template_max_output_bytes, opts.template_max_operations
+            )
         variables: dict[str, Any] = {"input": params.input}
         previous: Any = params.input
         task: TaskDefinition | None = chain.tasks[0]
@@ -203,14 +216,24 @@ class ChainWorkflow:
                     f"{outcome.transition[:200]!r} and there is no default branch"
                 )
             task = None if target == TERM_END else self._goto(str(target), task.id)
-        self._status = "completed"
-        self._current = ""
-        self._output = previous
-        return {
+        answer = {
             "output": previous,
             "outputType": engine.value_type(previous),
             "state": self._state,
         }
+        if self._limited:
+            # A result over Temporal's payload limit could never be recorded: the run would
+            # retry its last workflow task forever.
+            size, limit = engine.payload_size(answer), self._params.options.run_result_max_bytes
+            if size > limit:
+                self._fail(
+                    f"the run's result is {size} bytes, over the {limit}-byte limit "
+                    "(CHAINLOOM_RUN_RESULT_MAX_BYTES): its output and per-task state are too large"
+                )
+        self._status = "completed"
+        self._current = ""
+        self._output = previous
+        return answer
 
     def _goto(self, target: str, source: str) -> TaskDefinition | None:
         if target in ("", TERM_END):
@@ -222,9 +245,11 @@ class ChainWorkflow:
 
     def _fail(self, message: str) -> NoReturn:
         self._status = "failed"
-        raise ApplicationError(
-            message, {"state": self._state}, type=CHAIN_FAILED, non_retryable=True
-        )
+        state = self._state
+        if self._limited:
+            state = engine.trim_state(state, self._params.options.run_result_max_bytes // 2)
+            message = message if len(message) <= 8000 else message[:8000] + "..."
+        raise ApplicationError(message, {"state": state}, type=CHAIN_FAILED, non_retryable=True)
 
     def _finish(self, task: TaskDefinition, outcome: _Outcome, variables: dict[str, Any]) -> None:
         """Compose and print; a failure here is the task's failure, like any other."""
@@ -235,9 +260,17 @@ class ChainWorkflow:
                 )
             if task.print:
                 scope = {**variables, task.id: outcome.output, "previous_output": outcome.output}
-                outcome.meta["print"] = templating.render(task.print, scope)
+                outcome.meta["print"] = self._render(task.print, scope)
         except templating.TemplateError as err:
             raise TaskFailure(f"template error: {err}") from err
+        if self._limited:
+            limit = self._params.options.task_output_max_bytes
+            size = engine.payload_size(outcome.output)
+            if size > limit:
+                raise TaskFailure(
+                    f"output is {size} bytes, over the {limit}-byte limit for one task's output "
+                    "(CHAINLOOM_TASK_OUTPUT_MAX_BYTES)"
+                )
 
     async def _execute(
         self, task: TaskDefinition, task_input: Any, scope: dict[str, Any]
@@ -263,7 +296,15 @@ class ChainWorkflow:
             raise TaskFailure(f"template error: {err}") from err
 
     def _render(self, template: str, scope: dict[str, Any]) -> str:
-        return templating.render(template, scope)
+        if not self._limited:
+            return templating.render(template, scope, self._limits)
+        # Everything rendered in one workflow task runs before the worker hears back, so it
+        # shares one budget: the history length tells workflow tasks apart, deterministically.
+        at = workflow.info().get_current_history_length()
+        if at != self._allowance_at:
+            total = self._limits.max_operations * templating.ALLOWANCE_FACTOR
+            self._allowance, self._allowance_at = templating.Allowance(total), at
+        return templating.render(template, scope, self._limits, self._allowance)
 
     def _output_template(self, task: TaskDefinition, output: Any, scope: dict[str, Any]) -> Any:
         if not task.output_template:

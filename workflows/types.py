@@ -15,6 +15,11 @@ class RunOptions:
     llm_max_attempts: int = 5
     llm_timeout: float = 300.0
     llm_heartbeat_timeout: float = 20.0
+    # Limits on templates, task outputs and the run's result (docs/chains.md, "Limits").
+    template_max_output_bytes: int = 512 * 1024
+    template_max_operations: int = 100_000
+    task_output_max_bytes: int = 512 * 1024
+    run_result_max_bytes: int = 2_000_000
 
 
 @dataclass

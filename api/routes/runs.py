@@ -11,6 +11,7 @@ from temporalio.service import RPCError
 
 from api.deps import PrincipalDep, StateDep, page_limit
 from api.errors import APIError, ErrorBody, error_body
+from api.run_health import cancel, result_unless_stuck
 from api.run_listing import list_page
 from api.run_models import (
     ApprovalConflict,
@@ -55,7 +56,8 @@ _UNAVAILABLE: dict[int | str, dict[str, Any]] = {
     "/tasks",
     summary="Executes dynamic task-chain workflows.",
     description="Runs the chain and waits for its result (up to CHAINLOOM_TASKS_WAIT_TIMEOUT); "
-    "a run still going after that answers 202 with the run id to poll on /runs/{id}.",
+    "a run still going after that answers 202 with the run id to poll on /runs/{id}. A run "
+    "whose workflow task keeps failing is ended and answers 422 with the failure.",
     response_model=TaskExecutionResponse,
     responses={
         202: {"model": RunCreated, "description": "Still running: poll GET /runs/{id}."},
@@ -69,8 +71,9 @@ _UNAVAILABLE: dict[int | str, dict[str, Any]] = {
 async def execute_task(body: TaskExecutionRequest, state: StateDep, principal: PrincipalDep) -> Any:
     chain = await resolve_chain(state, principal, body)
     run, handle = await start_run(state, principal, chain, body)
+    client = await state.temporal.get()
     try:
-        result = await asyncio.wait_for(handle.result(), state.settings.tasks_wait_timeout)
+        result = await result_unless_stuck(client, handle, state.settings.tasks_wait_timeout)
     except TimeoutError:
         created = RunCreated.model_validate(run)
         return JSONResponse(created.model_dump(mode="json", by_alias=True), status_code=202)
@@ -196,6 +199,9 @@ async def approve_run(
 @router.post(
     "/runs/{id}/cancel",
     summary="Cancels a running chain run.",
+    description="Answers `cancelled` once the run has stopped, or `cancelling` while it still "
+    "winds down (e.g. an activity acknowledging the cancel). A run whose workflow task keeps "
+    "failing cannot stop by itself: it is terminated, and shows as cancelled with the reason.",
     response_model=RunCancelled,
     responses={**_NOT_FOUND, **_CONFLICT, **_UNAVAILABLE},
 )
@@ -208,7 +214,7 @@ async def cancel_run(id: str, state: StateDep, principal: PrincipalDep) -> RunCa
         desc = await handle.describe(rpc_timeout=timedelta(seconds=10))
         if desc.status != WorkflowExecutionStatus.RUNNING:
             raise APIError(409, "run_not_running", f"run {id!r} has already finished")
-        await handle.cancel(rpc_timeout=timedelta(seconds=10))
+        status = await cancel(client, handle)
     except RPCError as err:
         raise closed_run(err, id) from err
-    return RunCancelled(id=row.id)
+    return RunCancelled(id=row.id, status=status)
