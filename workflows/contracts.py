@@ -40,6 +40,9 @@ HOOK_CALL = "hook_call"
 JS_RUN = "js_run"
 SYNC_BACKENDS = "sync_backends"
 OLLAMA_PULL = "ollama_pull"
+# A chain run's records (state units, values too large for history): write, read back.
+RUN_STORE = "run_store"
+RUN_LOAD = "run_load"
 
 # --------------------------------------------------------------------------- error types
 
@@ -58,6 +61,8 @@ PERMANENT_TOOL_ERROR = "PermanentToolError"
 TOOL_UNAVAILABLE = "ToolUnavailable"
 # A JS host process died under a call for a reason other than the script; retried.
 JS_HOST_CRASHED = "JSHostCrashed"
+# A stored value that cannot be read back: missing, another tenant's, or too large to load.
+STORED_VALUE_ERROR = "StoredValueError"
 # A model pull that can never succeed (unknown model, backend gone): not retried.
 PULL_FAILED = "ModelPullFailed"
 

@@ -1,0 +1,48 @@
+"""The activities that keep a chain run's records: `run_store` writes state units and values
+too large for history, `run_load` reads values back for the workflow (core/runstate)."""
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from core.db import Database
+from core.runstate import records
+from workflows import values
+from workflows.contracts import RUN_LOAD, RUN_STORE, STORED_VALUE_ERROR
+from workflows.types import LoadRequest, StoreRequest
+
+
+class RunStoreActivities:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def activities(self) -> list[Callable[..., Any]]:
+        return [self.store, self.load]
+
+    @activity.defn(name=RUN_STORE)
+    async def store(self, req: StoreRequest) -> None:
+        await asyncio.to_thread(records.write, self.db, req.tenant_id, req.workflow_id, req.records)
+
+    @activity.defn(name=RUN_LOAD)
+    async def load(self, req: LoadRequest) -> list[Any]:
+        def work() -> list[Any]:
+            reader = records.Reader(self.db, req.tenant_id)
+            return [reader.expand(ref) for ref in req.refs]
+
+        try:
+            found = await asyncio.to_thread(work)
+        except records.StoredValueError as err:
+            raise ApplicationError(str(err), type=STORED_VALUE_ERROR, non_retryable=True) from err
+        size = values.size_of(found)
+        if size > req.max_bytes:
+            # The workflow checks sizes before it asks; this guards history if a record grew.
+            raise ApplicationError(
+                f"the stored values asked for are {size} bytes, over the {req.max_bytes} a "
+                "workflow may read back",
+                type=STORED_VALUE_ERROR,
+                non_retryable=True,
+            )
+        return found
