@@ -13,6 +13,7 @@ from activities.downloads import DownloadActivities
 from activities.functions import FunctionActivities
 from activities.hooks import HookActivities
 from activities.llm import LLMActivities, all_activities
+from activities.run_store import RunStoreActivities
 from activities.sync import SyncActivities
 from core.backends.providers import ProviderClients
 from core.config import Settings, get_settings
@@ -36,6 +37,8 @@ PASSTHROUGH = (
     "workflows.types",
     "workflows.contracts",
     "workflows.download_types",
+    "workflows.values",
+    "workflows.chain_store",
     "pydantic",
     "pydantic_core",
     "jinja2",
@@ -83,6 +86,7 @@ def build_worker(
             DownloadActivities(db).pull,
             *hooks.activities(),
             *functions.activities(),
+            *RunStoreActivities(db).activities(),
         ],
         # Heartbeats reach the server at most this often (the SDK's default is 0.8 x the
         # heartbeat timeout, 4 s for a pull): model-pull progress is read from them.

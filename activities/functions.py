@@ -34,6 +34,7 @@ from core.events.dispatch import append_and_dispatch
 from core.events.store import EventError
 from core.models import FunctionRow, TaskChainRow
 from core.runs import start_chain_run
+from core.runstate import records
 from core.sandbox.pool import JSError, JSRunner, runner_for
 from workflows.contracts import (
     JS_HOST_CRASHED,
@@ -105,8 +106,14 @@ class FunctionActivities:
         # Stable across retries of one activity, fresh for every other call.
         run_key = f"{info.workflow_id}/{info.activity_id}" if info else str(uuid.uuid4())
         builtins = Builtins(self, req, workflow_id, run_key, client)
+        # A chain hands large values over as handles to its records; read them here.
+        value = await asyncio.to_thread(records.expand, self.db, req.tenant_id, req.input)
+        # A result the chain stores (req.store) never enters history, so it may be larger.
+        max_result = req.store.max_bytes if req.store is not None else None
         try:
-            result = await self.runner().run(script, req.input, builtins=builtins)
+            result = await self.runner().run(
+                script, value, builtins=builtins, max_result=max_result
+            )
         except JSError as err:
             message = f"JS function {req.function!r}: {err.message}"
             details = {"kind": err.kind, "logs": err.logs}
@@ -115,7 +122,12 @@ class FunctionActivities:
                     message, details, type=PERMANENT_TOOL_ERROR, non_retryable=True
                 ) from err
             raise ApplicationError(message, details, type=JS_HOST_CRASHED) from err
-        return FunctionRunResult(result.value, result.logs, builtins.events)
+        output = result.value
+        if req.store is not None:
+            output = await asyncio.to_thread(
+                records.keep, self.db, req.tenant_id, workflow_id, req.store, output
+            )
+        return FunctionRunResult(output, result.logs, builtins.events)
 
 
 def _load_script(db: Database, tenant_id: str, name: str) -> str | None:
@@ -335,13 +347,16 @@ class Builtins:
             ) from err
         except WorkflowFailureError as err:
             raise BuiltinError(f"chain {chain.id!r} failed: {failure_message(err)}") from err
+        whole = await asyncio.to_thread(
+            records.whole_result, functions.db, req.tenant_id, workflow_id, result
+        )
         return {
             "success": True,
             "chain_id": chain.id,
             "workflow_id": workflow_id,
-            "result": result.get("output"),
+            "result": whole["output"],
             "outputType": result.get("outputType"),
-            "history": result.get("state", []),
+            "history": whole["state"],
         }
 
     # ------------------------------------------------------------------ executeHook

@@ -11,6 +11,7 @@ retryably and Temporal tries again later.
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from core.backends.refs import backend_refs
 from core.db import Database
 from core.metering.usage import Quota, record_tokens, token_quota
 from core.models import utcnow
+from core.runstate import records
 from core.secrets import SecretBox
 from workflows.contracts import (
     BACKEND_UNAVAILABLE,
@@ -107,6 +109,11 @@ class LLMActivities:
 
     @activity.defn(name=LLM_CHAT)
     async def chat(self, req: LLMRequest) -> LLMResult:
+        # A long chat history reaches us compacted: its earlier messages are in the run's
+        # records (docs/chains.md, "Long and large chains").
+        messages = await asyncio.to_thread(records.expand, self._db, req.tenant_id, req.messages)
+        if messages is not req.messages:
+            req = dataclasses.replace(req, messages=messages)
         _check_token_limit(req)
         await self._check_quota(req.tenant_id)
 

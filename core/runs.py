@@ -19,8 +19,9 @@ from chains.spec import ChainDefinition
 from core.config import Settings
 from core.db import Database
 from core.models import RunRow
+from core.runstate import records
 from workflows.contracts import chain_workflow_id, start_chain_workflow
-from workflows.types import ChainRunInput, RunOptions
+from workflows.types import ChainRunInput, RunOptions, StoreAs
 
 
 def run_options(settings: Settings) -> RunOptions:
@@ -29,6 +30,9 @@ def run_options(settings: Settings) -> RunOptions:
         llm_max_attempts=settings.llm_max_attempts,
         llm_timeout=settings.llm_timeout,
         llm_heartbeat_timeout=settings.llm_heartbeat_timeout,
+        steps_per_run=settings.chain_steps_per_run,
+        value_limit=settings.chain_value_limit,
+        output_max_bytes=settings.chain_output_max_bytes,
     )
 
 
@@ -80,12 +84,17 @@ async def start_chain_run(
         chain_id=chain.id,
     )
     row = await asyncio.to_thread(_record, db, row, existing_ok)
+    options = run_options(settings)
+    # A large input starts the run as a handle (value record 0), not as a payload in history.
+    input = await asyncio.to_thread(
+        records.keep, db, tenant_id, row.workflow_id, StoreAs(0, options.value_limit), input
+    )
     params = ChainRunInput(
         chain=chain.model_dump(mode="json"),
         input=input,
         input_type=input_type,
         tenant_id=tenant_id,
-        options=run_options(settings),
+        options=options,
     )
     try:
         handle = await start_chain_workflow(

@@ -5,6 +5,7 @@ parsing, conditions and transitions run here, deterministically, so they cost no
 and replay for free.
 """
 
+import dataclasses
 import json
 from datetime import timedelta
 from typing import Any, NoReturn
@@ -24,6 +25,8 @@ with workflow.unsafe.imports_passed_through():
         canonical_handler,
         parse_duration,
     )
+    from workflows import values
+    from workflows.chain_store import RunStore
     from workflows.contracts import (
         CHAIN_FAILED,
         CHAIN_WORKFLOW,
@@ -47,6 +50,7 @@ with workflow.unsafe.imports_passed_through():
         LLMRequest,
         LLMResult,
         ModelChoice,
+        StoreAs,
         ToolCallRequest,
         ToolCallResult,
         ToolSpec,
@@ -56,16 +60,20 @@ with workflow.unsafe.imports_passed_through():
 TOOL_TIMEOUT = 90.0
 # Patch ids (docs/workflows.md): js.* tool calls used to go through hook_call.
 JS_TOOLS_DIRECT = "js-tools-direct"
+# Long and large chains: continue-as-new, values and state units in the run's records.
+BOUNDED_CHAINS = "bounded-chains"
 TOOL_CALL = "tool-call"
 
 
 class _Outcome:
-    __slots__ = ("meta", "output", "transition")
+    __slots__ = ("meta", "output", "shown", "transition")
 
     def __init__(self, output: Any, transition: str, meta: dict[str, Any] | None = None) -> None:
         self.output = output
         self.transition = transition
         self.meta = meta or {}
+        # What the state unit shows as transition when not the transition itself.
+        self.shown: Any = None
 
 
 @workflow.defn(name=CHAIN_WORKFLOW)
@@ -77,6 +85,7 @@ class ChainWorkflow:
         self._decisions: list[ApprovalDecision] = []
         self._output: Any = None
         self._step = 0
+        self._store: RunStore | None = None
 
     @workflow.query(name=PROGRESS_QUERY)
     def progress(self) -> dict[str, Any]:
@@ -85,6 +94,7 @@ class ChainWorkflow:
             "currentTask": self._current,
             "state": self._state,
             "output": self._output,
+            **self._stored(),
         }
 
     @workflow.signal
@@ -100,7 +110,22 @@ class ChainWorkflow:
         previous: Any = params.input
         task: TaskDefinition | None = chain.tasks[0]
         steps = 0
+        # Runs started before bounded chains keep everything in the workflow, as they did.
+        if workflow.patched(BOUNDED_CHAINS):
+            self._store = RunStore(params)
+            self._state = self._store.tail
+            resume = params.resume
+            if resume is not None:
+                variables, previous, steps = dict(resume.variables), resume.previous, resume.steps
+                if resume.previous_var:
+                    previous = variables[resume.previous_var]
+                self._decisions = [ApprovalDecision(**d) for d in resume.decisions]
+                task = self._goto(resume.task, resume.task)
+        run_steps = 0
         while task is not None:
+            if self._store is not None and self._store.should_continue(run_steps):
+                await self._continue_as_new(task, variables, previous, steps)
+            run_steps += 1
             steps += 1
             if steps > chain.max_steps:
                 self._fail(
@@ -115,20 +140,17 @@ class ChainWorkflow:
                 "taskID": task.id,
                 "taskHandler": task.handler,
                 "inputVar": task.input_var or "previous_output",
-                "input": engine.as_text(task_input),
-                "inputType": engine.value_type(task_input),
+                "input": values.text_of(task_input),
+                "inputType": values.type_of(task_input),
                 "startedAt": started.isoformat().replace("+00:00", "Z"),
             }
-            scope = {**variables, "previous_output": previous}
             outcome: _Outcome | None = None
             error = ""
             attempts = task.retry_on_failure + 1
             for attempt in range(1, attempts + 1):
                 unit["attempt"] = attempt
                 try:
-                    result = await self._execute(task, task_input, scope)
-                    self._finish(task, result, variables)
-                    outcome = result
+                    outcome = await self._attempt(task, task_input, variables, previous)
                     break
                 except TaskFailure as err:
                     error = str(err)
@@ -136,23 +158,22 @@ class ChainWorkflow:
             unit["duration"] = int((finished - started).total_seconds() * 1e9)
             if outcome is None:
                 unit.update(output="", outputType="string", transition="", error={"error": error})
-                self._state.append(unit)
+                await self._record(unit)
                 if task.transition.on_failure:
                     variables["error"] = error
                     task = self._goto(task.transition.on_failure, task.id)
                     continue
                 self._fail(f"task {task.id!r} ({task.handler}) failed: {error}")
-            output = outcome.output
             unit.update(outcome.meta)
             unit.update(
-                output=output,
-                outputType=engine.value_type(output),
-                transition=outcome.transition,
+                output=outcome.output,
+                outputType=values.type_of(outcome.output),
+                transition=outcome.transition if outcome.shown is None else outcome.shown,
                 error={"error": ""},
             )
+            output = await self._record(unit)
             variables[task.id] = output
             previous = output
-            self._state.append(unit)
             target = engine.next_task(task.transition, outcome.transition)
             if target is None:
                 self._fail(
@@ -165,9 +186,49 @@ class ChainWorkflow:
         self._output = previous
         return {
             "output": previous,
-            "outputType": engine.value_type(previous),
+            "outputType": values.type_of(previous),
             "state": self._state,
+            **self._stored(),
         }
+
+    async def _attempt(
+        self, task: TaskDefinition, task_input: Any, variables: dict[str, Any], previous: Any
+    ) -> _Outcome:
+        scope = {**variables, "previous_output": previous}
+        if self._store is not None:
+            task_input, scope, variables = await self._store.prepare(
+                task, task_input, variables, previous
+            )
+        result = await self._execute(task, task_input, scope)
+        if self._store is not None:
+            result.output, result.transition, result.shown = await self._store.settle(
+                task, result.output, result.transition
+            )
+        self._finish(task, result, variables)
+        return result
+
+    async def _record(self, unit: dict[str, Any]) -> Any:
+        if self._store is None:
+            self._state.append(unit)
+            return unit.get("output")
+        return await self._store.record(unit)
+
+    def _stored(self) -> dict[str, Any]:
+        return self._store.extra() if self._store is not None else {}
+
+    def _slot(self) -> StoreAs | None:
+        return self._store.slot() if self._store is not None else None
+
+    async def _continue_as_new(
+        self, task: TaskDefinition, variables: dict[str, Any], previous: Any, steps: int
+    ) -> NoReturn:
+        assert self._store is not None
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        resume = await self._store.carry(task.id, variables, previous, steps)
+        # Signals that came while the records were written are carried too.
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        resume.decisions = [dataclasses.asdict(d) for d in self._decisions]
+        workflow.continue_as_new(dataclasses.replace(self._params, input=None, resume=resume))
 
     def _goto(self, target: str, source: str) -> TaskDefinition | None:
         if target in ("", TERM_END):
@@ -180,7 +241,7 @@ class ChainWorkflow:
     def _fail(self, message: str) -> NoReturn:
         self._status = "failed"
         raise ApplicationError(
-            message, {"state": self._state}, type=CHAIN_FAILED, non_retryable=True
+            message, {"state": self._state, **self._stored()}, type=CHAIN_FAILED, non_retryable=True
         )
 
     def _finish(self, task: TaskDefinition, outcome: _Outcome, variables: dict[str, Any]) -> None:
@@ -341,7 +402,13 @@ class ChainWorkflow:
         return _Outcome(history, transition, _llm_meta(result))
 
     async def _call_tool(
-        self, task: TaskDefinition, hook: str, tool: str, args: dict[str, Any], key: str
+        self,
+        task: TaskDefinition,
+        hook: str,
+        tool: str,
+        args: dict[str, Any],
+        key: str,
+        store: StoreAs | None = None,
     ) -> Any:
         if hook == "js" and workflow.patched(JS_TOOLS_DIRECT):
             # A JS function offered as a tool (js.<name>) runs in the JS activity itself.
@@ -350,7 +417,7 @@ class ChainWorkflow:
                 raise TaskFailure(
                     "the js hook needs a function name: tool_name, or a `function` argument"
                 )
-            result = await self._run_js(task, function, args)
+            result = await self._run_js(task, function, args, store)
             return result.result
         request = ToolCallRequest(
             tenant_id=self._params.tenant_id,
@@ -360,6 +427,7 @@ class ChainWorkflow:
             tool=tool,
             args=args,
             idempotency_key=key,
+            store=store,
         )
         try:
             result = await workflow.execute_activity(
@@ -381,16 +449,21 @@ class ChainWorkflow:
             for key, value in task.hook.args.items()
         }
         key = f"{workflow.info().workflow_id}/{task.id}/{self._step}"
-        output = await self._call_tool(task, task.hook.name, task.hook.tool_name, args, key)
+        # A large result stays out of history unless output_template needs it here.
+        store = None if task.output_template else self._slot()
+        output = await self._call_tool(task, task.hook.name, task.hook.tool_name, args, key, store)
         output = self._output_template(task, output, scope)
         return _Outcome(output, output if isinstance(output, str) else "ok")
 
-    async def _run_js(self, task: TaskDefinition, function: str, value: Any) -> FunctionRunResult:
+    async def _run_js(
+        self, task: TaskDefinition, function: str, value: Any, store: StoreAs | None = None
+    ) -> FunctionRunResult:
         request = FunctionRunInput(
             tenant_id=self._params.tenant_id,
             function=function,
             input=value,
             workflow_id=workflow.info().workflow_id,
+            store=store,
         )
         try:
             return await workflow.execute_activity(
@@ -406,7 +479,7 @@ class ChainWorkflow:
     async def _js(self, task: TaskDefinition, task_input: Any) -> _Outcome:
         if task.hook is None:
             raise TaskFailure("a js task needs `hook.name`, the function to run")
-        result = await self._run_js(task, task.hook.name, task_input)
+        result = await self._run_js(task, task.hook.name, task_input, self._slot())
         output = result.result
         meta: dict[str, Any] = {"logs": result.logs} if result.logs else {}
         return _Outcome(output, output if isinstance(output, str) else "ok", meta)

@@ -231,8 +231,10 @@ class JSRunner:
         builtins: BuiltinHandler | None = None,
         time_limit: float | None = None,
         wall_limit: float | None = None,
+        max_result: int | None = None,
     ) -> JSResult:
-        """Run `main(input)` of `script`; its JSON result, or JSError."""
+        """Run `main(input)` of `script`; its JSON result, or JSError. `max_result` raises
+        the result limit for a caller that keeps large results out of history."""
         try:
             input_text = json.dumps(input)
         except (TypeError, ValueError) as err:
@@ -242,7 +244,7 @@ class JSRunner:
             "script": script,
             "input": input_text,
             "timeout": time_limit or self.timeout,
-            "max_result": self.max_result_bytes,
+            "max_result": max(max_result or 0, self.max_result_bytes),
         }
         done = await self._call(message, builtins, time_limit, wall_limit)
         try:
