@@ -22,6 +22,8 @@ from chains.spec import ChainDefinition
 from core.metering.request_log import note_run
 from core.models import RunRow, TaskChainRow, rfc3339, utcnow
 from core.runs import start_chain_run
+from core.runstate import records
+from workflows import values
 from workflows.contracts import PROGRESS_QUERY
 
 FINAL = {"completed", "failed", "cancelled"}
@@ -112,6 +114,43 @@ def failure_view(err: WorkflowFailureError) -> tuple[str, str, list[dict[str, An
     return "failed", str(cause or err), []
 
 
+async def whole_run(state: AppState, row: RunRow, data: dict[str, Any]) -> dict[str, Any]:
+    """{"output", "state"} of a run's result, progress or failure details with the state
+    units written to the run's records and its stored values read back (docs/chains.md,
+    "Long and large chains"); past CHAINLOOM_RUN_VIEW_MAX_BYTES values stay handles that
+    link GET /runs/{id}/values/{seq}."""
+
+    def link(ref: dict[str, Any]) -> dict[str, Any]:
+        workflow_id, seq = values.ref_key(ref)
+        if workflow_id != row.workflow_id:
+            return ref
+        return {**ref, "href": f"/runs/{row.id}/values/{seq}"}
+
+    def work() -> dict[str, Any]:
+        return records.whole_result(
+            state.db,
+            row.tenant_id,
+            row.workflow_id,
+            data,
+            budget=state.settings.run_view_max_bytes,
+            on_skip=link,
+        )
+
+    return await asyncio.to_thread(work)
+
+
+async def failed_run(
+    state: AppState, row: RunRow, err: WorkflowFailureError
+) -> tuple[str, str, list[dict[str, Any]]]:
+    """failure_view with the whole state of the run."""
+    status, message, unit_state = failure_view(err)
+    cause = err.cause
+    details = cause.details[0] if isinstance(cause, ApplicationError) and cause.details else {}
+    stored = details.get("stateStored", 0) if isinstance(details, dict) else 0
+    whole = await whole_run(state, row, {"state": unit_state, "stateStored": stored})
+    return status, message, whole["state"]
+
+
 _STATUS = {
     WorkflowExecutionStatus.RUNNING: "running",
     WorkflowExecutionStatus.COMPLETED: "completed",
@@ -153,18 +192,20 @@ async def run_view(state: AppState, client: Client, row: RunRow) -> dict[str, An
             if status in FINAL:
                 # It finished between describe and query; the next read carries the result.
                 status = "running"
-            view["state"] = progress.get("state", [])
+            whole = await whole_run(state, row, {**progress, "output": None})
+            view["state"] = whole["state"]
             view["currentTask"] = progress.get("currentTask") or None
         except RPCError:
             pass  # no worker is polling right now; the status alone is still right
     elif status == "completed":
         result = await handle.result(rpc_timeout=timedelta(seconds=10))
-        view.update(output=result["output"], outputType=result["outputType"], state=result["state"])
+        whole = await whole_run(state, row, result)
+        view.update(output=whole["output"], outputType=result["outputType"], state=whole["state"])
     else:
         try:
             await handle.result(rpc_timeout=timedelta(seconds=10))
         except WorkflowFailureError as err:
-            status, message, unit_state = failure_view(err)
+            status, message, unit_state = await failed_run(state, row, err)
             view.update(error=message, state=unit_state)
     view["status"] = status
     if status in FINAL and row.status != status:

@@ -17,11 +17,12 @@ from api.run_service import (
     FINAL,
     RunCreated,
     TaskExecutionRequest,
-    failure_view,
+    failed_run,
     get_run_row,
     resolve_chain,
     run_view,
     start_run,
+    whole_run,
 )
 from core.models import RunRow, as_utc, rfc3339
 from workflows.types import ApprovalDecision
@@ -44,15 +45,16 @@ async def execute_task(body: TaskExecutionRequest, state: StateDep, principal: P
         created = RunCreated(id=run.id, workflow_id=run.workflow_id, status="running")
         return JSONResponse(created.model_dump(by_alias=True), status_code=202)
     except WorkflowFailureError as err:
-        status, message, unit_state = failure_view(err)
+        status, message, unit_state = await failed_run(state, run, err)
         body_ = error_body(422, f"chain_{status}", message)
         body_.update(id=run.id, workflowId=run.workflow_id, state=unit_state)
         return JSONResponse(body_, status_code=422)
+    whole = await whole_run(state, run, result)
     return {
         "id": run.id,
-        "output": result["output"],
+        "output": whole["output"],
         "outputType": result["outputType"],
-        "state": result["state"],
+        "state": whole["state"],
     }
 
 
