@@ -27,6 +27,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.hooks import HookActivities
 from activities.llm import LLMActivities
+from activities.run_store import read_back
 from core import outbound
 from core.config import Settings
 from core.db import Database
@@ -107,7 +108,7 @@ class FunctionActivities:
         run_key = f"{info.workflow_id}/{info.activity_id}" if info else str(uuid.uuid4())
         builtins = Builtins(self, req, workflow_id, run_key, client)
         # A chain hands large values over as handles to its records; read them here.
-        value = await asyncio.to_thread(records.expand, self.db, req.tenant_id, req.input)
+        value = await read_back(self.db, req.tenant_id, req.input, PERMANENT_TOOL_ERROR)
         # A result the chain stores (req.store) never enters history, so it may be larger.
         max_result = req.store.max_bytes if req.store is not None else None
         try:

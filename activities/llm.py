@@ -20,13 +20,13 @@ from typing import Any, TypeVar
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.run_store import read_back
 from core.backends.health import Health, group_pairs, load_health, mark_down, mark_up
 from core.backends.providers import BackendRef, ProviderClients, ProviderError, same_model
 from core.backends.refs import backend_refs
 from core.db import Database
 from core.metering.usage import Quota, record_tokens, token_quota
 from core.models import utcnow
-from core.runstate import records
 from core.secrets import SecretBox
 from workflows.contracts import (
     BACKEND_UNAVAILABLE,
@@ -111,7 +111,7 @@ class LLMActivities:
     async def chat(self, req: LLMRequest) -> LLMResult:
         # A long chat history reaches us compacted: its earlier messages are in the run's
         # records (docs/chains.md, "Long and large chains").
-        messages = await asyncio.to_thread(records.expand, self._db, req.tenant_id, req.messages)
+        messages = await read_back(self._db, req.tenant_id, req.messages, PERMANENT_LLM_ERROR)
         if messages is not req.messages:
             req = dataclasses.replace(req, messages=messages)
         _check_token_limit(req)

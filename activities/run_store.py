@@ -15,6 +15,15 @@ from workflows.contracts import RUN_LOAD, RUN_STORE, STORED_VALUE_ERROR
 from workflows.types import LoadRequest, StoreRequest
 
 
+async def read_back(db: Database, tenant_id: str, value: Any, error_type: str) -> Any:
+    """`value` with the handles in it read back, for an activity given a chain's handles; a
+    handle that names no record of this tenant fails the call for good as `error_type`."""
+    try:
+        return await asyncio.to_thread(records.expand, db, tenant_id, value)
+    except records.StoredValueError as err:
+        raise ApplicationError(str(err), type=error_type, non_retryable=True) from err
+
+
 class RunStoreActivities:
     def __init__(self, db: Database) -> None:
         self.db = db

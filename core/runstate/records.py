@@ -104,7 +104,9 @@ def read_value(db: Database, tenant_id: str, workflow_id: str, seq: int) -> Any:
 class Reader:
     """Replaces handles and placeholders in a value by what they stand for, reading each
     record once. With a byte `budget`, refs past it stay as they are (passed through
-    `on_skip`, which may decorate them), so a view of a huge run stays bounded."""
+    `on_skip`, which may decorate them), so a view of a huge run stays bounded. A lenient
+    reader (for views) leaves a ref it cannot read in place, marked "missing", instead of
+    raising: a run's input may hold anything its caller sent."""
 
     def __init__(
         self,
@@ -112,18 +114,26 @@ class Reader:
         tenant_id: str,
         budget: int | None = None,
         on_skip: Callable[[dict[str, Any]], Any] | None = None,
+        lenient: bool = False,
     ) -> None:
         self.db = db
         self.tenant_id = tenant_id
         self.budget = budget
         self.on_skip = on_skip
+        self.lenient = lenient
         self._read: dict[tuple[str, int], Any] = {}
 
     def load(self, ref: dict[str, Any]) -> Any:
         """The value a ref stands for, refs inside it expanded (a list for a placeholder)."""
         key = values.ref_key(ref)
         if key not in self._read:
-            raw = read_value(self.db, self.tenant_id, *key)
+            try:
+                raw = read_value(self.db, self.tenant_id, *key)
+            except StoredValueError:
+                if not self.lenient:
+                    raise
+                missing = {**ref, "missing": True}
+                return [missing] if values.is_placeholder(ref) else missing
             self._read[key] = self._walk(raw)
         return self._read[key]
 
@@ -201,10 +211,10 @@ def whole_result(
     """A chain result, progress or failure details made whole: {"output", "state"} with the
     stored units first and stored values read back. The output is read back in full; the
     units' values within `budget` bytes, past it they stay handles (through `on_skip`)."""
-    output = Reader(db, tenant_id).expand(data.get("output"))
+    output = Reader(db, tenant_id, lenient=True).expand(data.get("output"))
     units = read_units(db, tenant_id, workflow_id, int(data.get("stateStored") or 0))
     units += list(data.get("state") or [])
-    reader = Reader(db, tenant_id, budget, on_skip)
+    reader = Reader(db, tenant_id, budget, on_skip, lenient=True)
     return {"output": output, "state": [_unit_view(reader, unit) for unit in units]}
 
 
