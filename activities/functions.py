@@ -27,7 +27,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.hooks import HookActivities
 from activities.llm import LLMActivities
-from activities.run_store import read_back
+from activities.run_store import keep_result, read_back
 from core import outbound
 from core.config import Settings
 from core.db import Database
@@ -124,10 +124,7 @@ class FunctionActivities:
                 ) from err
             raise ApplicationError(message, details, type=JS_HOST_CRASHED) from err
         output = result.value
-        if req.store is not None:
-            output = await asyncio.to_thread(
-                records.keep, self.db, req.tenant_id, workflow_id, req.store, output
-            )
+        output = await keep_result(self.db, req.tenant_id, workflow_id, req.store, output)
         return FunctionRunResult(output, result.logs, builtins.events)
 
 

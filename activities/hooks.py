@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.run_store import keep_result
 from core import outbound
 from core.config import Settings
 from core.db import Database
@@ -42,7 +43,6 @@ from core.hooks.store import (
     load_remote_hook,
     scrub,
 )
-from core.runstate import records
 from core.secrets import SecretBox
 from workflows.contracts import HOOK_CALL, HOOK_TOOLS, PERMANENT_TOOL_ERROR, TOOL_UNAVAILABLE
 from workflows.types import (
@@ -121,11 +121,10 @@ class HookActivities:
     @activity.defn(name=HOOK_CALL)
     async def call(self, req: ToolCallRequest) -> ToolCallResult:
         result = await self._call(req)
-        if req.store is not None:
-            # A hook task's large answer goes to the run's records, its handle to history.
-            result.output = await asyncio.to_thread(
-                records.keep, self._db, req.tenant_id, req.workflow_id, req.store, result.output
-            )
+        # A hook task's large answer goes to the run's records, its handle to history.
+        result.output = await keep_result(
+            self._db, req.tenant_id, req.workflow_id, req.store, result.output
+        )
         return result
 
     async def _call(self, req: ToolCallRequest) -> ToolCallResult:

@@ -12,16 +12,28 @@ from core.db import Database
 from core.runstate import records
 from workflows import values
 from workflows.contracts import RUN_LOAD, RUN_STORE, STORED_VALUE_ERROR
-from workflows.types import LoadRequest, StoreRequest
+from workflows.types import LoadRequest, StoreAs, StoreRequest
 
 
 async def read_back(db: Database, tenant_id: str, value: Any, error_type: str) -> Any:
     """`value` with the handles in it read back, for an activity given a chain's handles; a
     handle that names no record of this tenant fails the call for good as `error_type`."""
+    if not records.mentions_refs(value):
+        return value  # the usual case: no thread hop, no database
     try:
         return await asyncio.to_thread(records.expand, db, tenant_id, value)
     except records.StoredValueError as err:
         raise ApplicationError(str(err), type=error_type, non_retryable=True) from err
+
+
+async def keep_result(
+    db: Database, tenant_id: str, workflow_id: str, store: StoreAs | None, value: Any
+) -> Any:
+    """An activity's result for its chain: itself, or over `store.above` bytes, the handle
+    of the record it was written to (records.keep)."""
+    if store is None or values.size_of(value) <= store.above:
+        return value
+    return await asyncio.to_thread(records.keep, db, tenant_id, workflow_id, store, value)
 
 
 class RunStoreActivities:

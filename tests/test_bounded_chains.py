@@ -241,23 +241,25 @@ async def test_chat_history_is_compacted_and_the_model_sees_it_whole(
             system_instruction="be brief",
             transition={
                 "branches": [
-                    {"operator": "contains", "when": "DONE", "goto": "end"},
+                    {"operator": "contains", "when": "DONE", "goto": "respond"},
                     {"operator": "default", "goto": "chat"},
                 ]
             },
         ),
+        task("respond", "convert_to_openai_chat_response"),
         max_steps=50,
     )
     workflow_id = new_id()
     result = await run_chain(
         env, definition, "hello", llm, workflow_id=workflow_id, options=options
     )
+    assert result["output"]["choices"][0]["message"]["content"] == "DONE"
     # The workflow holds a compacted history: system, a placeholder, the latest replies.
-    held = result["output"]["messages"]
+    held = result["state"][-2]["output"]["messages"]
     assert [m.get("role") for m in held[:2]] == ["system", "history"]
     assert held[-1]["content"] == "DONE" and len(held) < 6
     whole = records.whole_result(records_db(), "default", workflow_id, result)
-    messages = whole["output"]["messages"]
+    messages = whole["state"][-2]["output"]["messages"]
     assert [m["content"] for m in messages] == ["be brief", "hello", *replies]
     # Every call saw the whole conversation so far.
     assert [len(r.messages) for r in llm.requests] == list(range(2, 23))
@@ -267,6 +269,8 @@ async def test_chat_history_is_compacted_and_the_model_sees_it_whole(
     # units not written yet (under FLUSH_BYTES), each with a compacted history.
     assert max(activity_input_sizes(histories)) < 3 * 4096
     assert largest_payload(histories) < chain_store.FLUSH_BYTES + 8 * 4096
+    # Nothing was read back: chat and convert work on the compacted history.
+    assert result_sizes(histories, "run_load") == []
     await replay(histories)
 
 
@@ -502,3 +506,70 @@ def test_a_5mb_js_output_stays_out_of_history(clean_stack: Stack) -> None:
     assert resp.status_code == 422, resp.text
     assert "does not exist" in resp.json()["error"]["message"]
     assert resp.json()["state"][0]["input"]["missing"] is True
+
+
+def result_sizes(histories: list[WorkflowHistory], activity_type: str) -> list[int]:
+    """Sizes of the results of one activity type's completed calls."""
+    sizes: list[int] = []
+    for history in histories:
+        kinds = {
+            e.event_id: e.activity_task_scheduled_event_attributes.activity_type.name
+            for e in history.events
+            if e.HasField("activity_task_scheduled_event_attributes")
+        }
+        for e in history.events:
+            done = e.activity_task_completed_event_attributes
+            if e.HasField("activity_task_completed_event_attributes") and (
+                kinds[done.scheduled_event_id] == activity_type
+            ):
+                sizes += [p.ByteSize() for p in done.result.payloads]
+    return sizes
+
+
+def test_large_inputs_are_stored_before_the_run_starts(
+    clean_stack: Stack, llm: ScriptedLLM
+) -> None:
+    add_backend(clean_stack, llm)
+    llm.reply(None, "and so on")
+    turns = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i} " + "q" * 1000}
+        for i in range(200)
+    ]
+    definition = chain(
+        task("chat", "chat_completion", execute_config={"model": "gpt-4o-mini"}),
+    )
+    resp = clean_stack.http.post("/tasks", json={"chain": definition, "input": {"messages": turns}})
+    assert resp.status_code == 200, resp.text[:500]
+    body = resp.json()
+    assert [m["content"] for m in body["output"]["messages"]] == [
+        *[t["content"] for t in turns],
+        "and so on",
+    ]
+    assert [m["content"] for m in llm.requests[-1].body["messages"]] == [
+        t["content"] for t in turns
+    ]
+    view = clean_stack.http.get(f"/runs/{body['id']}").json()
+    (history,) = histories_of(clean_stack, view["workflowId"])
+    assert start_input_bytes(history) < 8192
+    # A hook's answer over the limit comes back as a handle, and templates still read it.
+    text = "h" * 100_000
+    definition = chain(
+        task(
+            "echo",
+            "hook",
+            hook={"name": "echo", "args": {"text": "{{ input }}"}},
+            transition=goto("size"),
+        ),
+        task("size", "noop", output_template="{{ echo.text | length }}"),
+    )
+    resp = clean_stack.http.post("/tasks", json={"chain": definition, "input": text})
+    assert resp.status_code == 200, resp.text[:500]
+    body = resp.json()
+    assert body["output"] == "100000"
+    assert body["state"][0]["output"] == {"text": text}
+    view = clean_stack.http.get(f"/runs/{body['id']}").json()
+    histories = histories_of(clean_stack, view["workflowId"])
+    (answer,) = result_sizes(histories, "hook_call")
+    assert answer < 1024
+    # Read back once each, for the templates: the run's input and the hook's answer.
+    assert result_sizes(histories, "run_load") == [pytest.approx(100_030, abs=20)] * 2

@@ -59,8 +59,6 @@ STORE_OPTIONS: dict[str, Any] = {
 # A state unit's fields that may carry a large value; output first, so the others can share
 # its record when they are the same value.
 UNIT_FIELDS = ("output", "input", "transition", "print", "debug", "logs")
-# Handlers that read their input whole even when it is a compacted chat history.
-_READS_WHOLE_INPUT = frozenset({"noop", "convert_to_openai_chat_response"})
 
 
 class RunStore:
@@ -118,7 +116,7 @@ class RunStore:
             total -= before - values.size_of(kept[name])
         if total > CARRY_BYTES:
             previous = self._keep(previous, CARRY_KEEP)
-        await self.flush(units=True)
+        await self.flush()
         same = next((name for name, value in kept.items() if value is previous), "")
         return ChainResume(
             task=task_id,
@@ -139,23 +137,39 @@ class RunStore:
 
     async def record(self, unit: dict[str, Any]) -> Any:
         """Keep a finished unit (its large fields stored); returns its output as the chain
-        goes on with it."""
+        goes on with it. A unit shows in the progress query only once every record it
+        refers to is written."""
         for key in UNIT_FIELDS:
             if key in unit:
                 unit[key] = self._keep(unit[key], self.limit)
-        self.tail.append(unit)
-        self._tail_bytes += values.size_of(unit)
-        await self.flush(units=self._tail_bytes > FLUSH_BYTES)
+        size = values.size_of(unit)
+        if self._tail_bytes + size > FLUSH_BYTES:
+            await self._write([*self.tail, unit])
+            self._moved()
+            self.stored += 1
+        else:
+            await self._write([])
+            self.tail.append(unit)
+            self._tail_bytes += size
         return unit.get("output")
 
-    async def flush(self, units: bool) -> None:
-        records = self._pending
-        if units:
-            records = records + [
-                part
-                for i, unit in enumerate(self.tail)
-                for part in values.records_of(UNIT, self.stored + i, unit)
-            ]
+    async def flush(self) -> None:
+        """Write every unit held and every value not written yet."""
+        await self._write(self.tail)
+        self._moved()
+
+    def _moved(self) -> None:
+        self.stored += len(self.tail)
+        self.tail.clear()
+        self._tail_bytes = 0
+
+    async def _write(self, units: list[dict[str, Any]]) -> None:
+        """Write the values not written yet and `units` (numbered from `stored`)."""
+        records = self._pending + [
+            part
+            for i, unit in enumerate(units)
+            for part in values.records_of(UNIT, self.stored + i, unit)
+        ]
         if not records:
             return
         for batch in values.batches(records):
@@ -166,10 +180,6 @@ class RunStore:
                 **STORE_OPTIONS,
             )
         self._pending = []
-        if units:
-            self.stored += len(self.tail)
-            self.tail.clear()
-            self._tail_bytes = 0
 
     # ------------------------------------------------------------------ storing values
 
@@ -370,7 +380,15 @@ def _reads_input(task: TaskDefinition, handler: str, value: Any) -> bool:
             return False
         used = _names(task.output_template)
         return "output" in used or values.type_of(value) in ("json", "chat_history")
-    if handler in _READS_WHOLE_INPUT:
+    if handler == "convert_to_openai_chat_response":
+        # It answers with the last assistant message, which compaction keeps after a chat.
+        if whole:
+            return True
+        for message in reversed(value.get("messages") or []):
+            if values.is_placeholder(message):
+                return True
+            if message.get("role") == "assistant":
+                return False
         return True
     if handler in ("chat_completion", "execute_tool_calls", "parse_command", "parse_key_value"):
         return whole

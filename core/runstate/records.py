@@ -175,13 +175,13 @@ class Reader:
 
 def expand(db: Database, tenant_id: str, value: Any) -> Any:
     """`value` with every handle and placeholder in it read back (no-op without any)."""
-    if not _mentions_refs(value):
+    if not mentions_refs(value):
         return value
     return Reader(db, tenant_id).expand(value)
 
 
-def _mentions_refs(value: Any) -> bool:
-    # Cheaper than a walk for the usual case of nothing stored.
+def mentions_refs(value: Any) -> bool:
+    """Whether `value` may hold a handle or placeholder (cheaper than a walk)."""
     try:
         return values.MARK in json.dumps(value, default=str)
     except (TypeError, ValueError):
@@ -196,6 +196,13 @@ def keep(db: Database, tenant_id: str, workflow_id: str, store: StoreAs | None, 
     size = values.size_of(value)
     if size <= store.above:
         return value
+    if engine.is_chat_history(value):
+        # Compacted like the workflow compacts histories, so chat tasks can go on with it.
+        lead, middle, last = values.split_history(value)
+        if not all(values.is_placeholder(m) for m in middle):
+            write(db, tenant_id, workflow_id, [StoredRecord(VALUE, store.seq, middle)])
+            marker = values.placeholder(workflow_id, store.seq, middle)
+            return {**value, "messages": [*lead, marker, *last]}
     write(db, tenant_id, workflow_id, [StoredRecord(kind=VALUE, seq=store.seq, data=value)])
     return values.handle(workflow_id, store.seq, size, engine.value_type(value))
 
