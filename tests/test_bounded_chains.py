@@ -11,6 +11,7 @@ import dataclasses
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,6 +43,8 @@ from tests.test_ops import make_key
 from workflows import chain_store, values
 from workflows.chain import ChainWorkflow
 from workflows.types import ApprovalDecision, StoredRecord
+
+HISTORIES = Path(__file__).parent / "histories"
 
 # --------------------------------------------------------------------------- helpers
 
@@ -169,6 +172,14 @@ def test_records_are_read_only_by_their_tenant() -> None:
 
 
 # --------------------------------------------------------------------------- workflow
+
+
+async def test_a_history_recorded_before_bounded_chains_still_replays() -> None:
+    # Recorded by the code before this change: prompt with retry, chat, embedding, parsing,
+    # a noop loop, on_failure and convert. The new code takes the old path on replay.
+    text = (HISTORIES / "chain_before_bounded.json").read_text()
+    history = WorkflowHistory.from_json("chain-before-bounded", text)
+    await replay([history])
 
 
 async def test_loop_continues_as_new_and_keeps_max_steps(env: WorkflowEnvironment) -> None:
