@@ -14,6 +14,7 @@ from activities.downloads import DownloadActivities
 from activities.functions import FunctionActivities
 from activities.hooks import HookActivities
 from activities.llm import LLMActivities, all_activities
+from activities.run_store import RunStoreActivities
 from activities.sync import SyncActivities
 from chains.engine import TaskFailure
 from core.backends.providers import ProviderClients
@@ -39,6 +40,9 @@ PASSTHROUGH = (
     "workflows.types",
     "workflows.contracts",
     "workflows.download_types",
+    "workflows.values",
+    "workflows.chain_store",
+    "workflows.chain_tools",
     "pydantic",
     "pydantic_core",
     "jinja2",
@@ -103,6 +107,7 @@ def build_worker(
             DownloadActivities(db, settings.backend_allowlist).pull,
             *hooks.activities(),
             *functions.activities(),
+            *RunStoreActivities(db).activities(),
         ],
         # Temporal's default is 100. JS calls hold at most (1 + QUEUE_PER_HOST) x
         # CHAINLOOM_JS_POOL_MAX of them (a host each, or a place in the pool's bounded queue;

@@ -27,6 +27,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.hooks import HookActivities
 from activities.llm import LLMActivities
+from activities.run_store import keep_result, read_back
 from core import outbound
 from core.config import Settings
 from core.db import Database
@@ -34,6 +35,7 @@ from core.events.dispatch import append_and_dispatch
 from core.events.store import EventError
 from core.models import FunctionRow, TaskChainRow
 from core.runs import RunInputTooLarge, start_chain_run
+from core.runstate import records
 from core.sandbox.pool import JSError, JSRunner, runner_for
 from workflows.contracts import (
     JS_BUSY,
@@ -106,14 +108,19 @@ class FunctionActivities:
         # Stable across retries of one activity, fresh for every other call.
         run_key = f"{info.workflow_id}/{info.activity_id}" if info else str(uuid.uuid4())
         builtins = Builtins(self, req, workflow_id, run_key, client)
+        # A chain hands large values over as handles to its records; read them here.
+        value = await read_back(self.db, req.tenant_id, req.input, PERMANENT_TOOL_ERROR)
+        # A result the chain stores (req.store) never enters history, so it may be larger.
+        max_result = req.store.max_bytes if req.store is not None else None
         try:
             result = await self.runner().run(
                 script,
-                req.input,
+                value,
                 builtins=builtins,
                 tenant=req.tenant_id,
                 # Waiting for a turn at the pool can take a while: stay visibly alive.
                 beat=activity.heartbeat if in_activity else None,
+                max_result=max_result,
             )
         except JSError as err:
             message = f"JS function {req.function!r}: {err.message}"
@@ -124,7 +131,9 @@ class FunctionActivities:
                 ) from err
             kind = JS_BUSY if err.kind == "busy" else JS_HOST_CRASHED
             raise ApplicationError(message, details, type=kind) from err
-        return FunctionRunResult(result.value, result.logs, builtins.events)
+        output = result.value
+        output = await keep_result(self.db, req.tenant_id, workflow_id, req.store, output)
+        return FunctionRunResult(output, result.logs, builtins.events)
 
 
 def _load_script(db: Database, tenant_id: str, name: str) -> str | None:
@@ -348,13 +357,16 @@ class Builtins:
             ) from err
         except WorkflowFailureError as err:
             raise BuiltinError(f"chain {chain.id!r} failed: {failure_message(err)}") from err
+        whole = await asyncio.to_thread(
+            records.whole_result, functions.db, req.tenant_id, workflow_id, result
+        )
         return {
             "success": True,
             "chain_id": chain.id,
             "workflow_id": workflow_id,
-            "result": result.get("output"),
+            "result": whole["output"],
             "outputType": result.get("outputType"),
-            "history": result.get("state", []),
+            "history": whole["state"],
         }
 
     # ------------------------------------------------------------------ executeHook

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.run_store import keep_result
 from core import outbound
 from core.config import Settings
 from core.db import Database
@@ -118,6 +119,14 @@ class HookActivities:
 
     @activity.defn(name=HOOK_CALL)
     async def call(self, req: ToolCallRequest) -> ToolCallResult:
+        result = await self._call(req)
+        # A hook task's large answer goes to the run's records, its handle to history.
+        result.output = await keep_result(
+            self._db, req.tenant_id, req.workflow_id, req.store, result.output
+        )
+        return result
+
+    async def _call(self, req: ToolCallRequest) -> ToolCallResult:
         if req.hook == "echo":
             return ToolCallResult(req.args)
         if req.hook == "print":

@@ -16,6 +16,7 @@ someone probing what answers there.
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.run_store import read_back
 from core.backends.health import Health, group_pairs, load_health, mark_down, mark_up, note_error
 from core.backends.providers import BackendRef, ProviderClients, ProviderError, same_model
 from core.backends.refs import backend_refs
@@ -112,6 +114,11 @@ class LLMActivities:
 
     @activity.defn(name=LLM_CHAT)
     async def chat(self, req: LLMRequest) -> LLMResult:
+        # A long chat history reaches us compacted: its earlier messages are in the run's
+        # records (docs/chains.md, "Long and large chains").
+        messages = await read_back(self._db, req.tenant_id, req.messages, PERMANENT_LLM_ERROR)
+        if messages is not req.messages:
+            req = dataclasses.replace(req, messages=messages)
         _check_token_limit(req)
         await self._check_quota(req.tenant_id)
 

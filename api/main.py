@@ -25,6 +25,7 @@ from api.routes import (
     ops,
     providers,
     queue,
+    run_values,
     runs,
     state,
     taskchains,
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     for module in (
         taskchains,
         runs,
+        run_values,
         backends,
         models,
         state,

@@ -78,6 +78,18 @@ class TaskError(BaseModel):
     error: str
 
 
+class StoredValue(BaseModel):
+    """A value too large to show inline (past CHAINLOOM_RUN_VIEW_MAX_BYTES): read it from
+    `href` (GET /runs/{id}/values/{seq}). docs/chains.md, "Long and large chains"."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    stored: dict[str, Any] = Field(
+        alias="$stored", description="workflow, seq, bytes and type of the stored value."
+    )
+    href: str | None = Field(None, exclude_if=lambda v: v is None)
+
+
 class CapturedStateUnit(BaseModel):
     """seed 003 taskengine_CapturedStateUnit: what one task did in a run."""
 
@@ -87,11 +99,11 @@ class CapturedStateUnit(BaseModel):
     task_id: str = Field(alias="taskID")
     task_handler: str = Field(alias="taskHandler")
     input_var: str = Field(alias="inputVar", description="Which variable was used as input.")
-    input: str
+    input: str | StoredValue
     input_type: str = Field(alias="inputType")
     output: Any
     output_type: str = Field(alias="outputType")
-    transition: str
+    transition: str | StoredValue
     duration: int = Field(description="In nanoseconds.")
     error: TaskError
     attempt: int | None = _absent_when_none("Which try of retry_on_failure this was (from 1).")

@@ -29,6 +29,8 @@ from chains.spec import ChainDefinition
 from core.metering.request_log import note_run
 from core.models import RunRow, TaskChainRow
 from core.runs import RunInputTooLarge, start_chain_run
+from core.runstate import records
+from workflows import values
 from workflows.contracts import APPROVE_UPDATE, PROGRESS_QUERY, RUN_NOT_WAITING
 from workflows.types import ApprovalAccepted, ApprovalDecision
 
@@ -112,6 +114,43 @@ def failure_view(err: WorkflowFailureError) -> tuple[str, str, list[dict[str, An
     return "failed", str(cause or err), []
 
 
+async def whole_run(state: AppState, row: RunRow, data: dict[str, Any]) -> dict[str, Any]:
+    """{"output", "state"} of a run's result, progress or failure details with the state
+    units written to the run's records and its stored values read back (docs/chains.md,
+    "Long and large chains"); past CHAINLOOM_RUN_VIEW_MAX_BYTES values stay handles that
+    link GET /runs/{id}/values/{seq}."""
+
+    def link(ref: dict[str, Any]) -> dict[str, Any]:
+        workflow_id, seq = values.ref_key(ref)
+        if workflow_id != row.workflow_id:
+            return ref
+        return {**ref, "href": f"/runs/{row.id}/values/{seq}"}
+
+    def work() -> dict[str, Any]:
+        return records.whole_result(
+            state.db,
+            row.tenant_id,
+            row.workflow_id,
+            data,
+            budget=state.settings.run_view_max_bytes,
+            on_skip=link,
+        )
+
+    return await asyncio.to_thread(work)
+
+
+async def failed_run(
+    state: AppState, row: RunRow, err: WorkflowFailureError
+) -> tuple[str, str, list[dict[str, Any]]]:
+    """failure_view with the whole state of the run."""
+    status, message, unit_state = failure_view(err)
+    cause = err.cause
+    details = cause.details[0] if isinstance(cause, ApplicationError) and cause.details else {}
+    stored = details.get("stateStored", 0) if isinstance(details, dict) else 0
+    whole = await whole_run(state, row, {"state": unit_state, "stateStored": stored})
+    return status, message, whole["state"]
+
+
 STATUS_NAMES = {
     WorkflowExecutionStatus.RUNNING: "running",
     WorkflowExecutionStatus.COMPLETED: "completed",
@@ -123,7 +162,7 @@ STATUS_NAMES = {
 }
 
 
-async def run_view(client: Client, row: RunRow) -> RunView:
+async def run_view(state: AppState, client: Client, row: RunRow) -> RunView:
     handle = client.get_workflow_handle(row.workflow_id)
     fields: dict[str, Any] = {
         "id": row.id,
@@ -158,20 +197,22 @@ async def run_view(client: Client, row: RunRow) -> RunView:
             if status in FINAL:
                 # It finished between describe and query; the next read carries the result.
                 status = "running"
-            fields["state"] = progress.get("state", [])
+            whole = await whole_run(state, row, {**progress, "output": None})
+            fields["state"] = whole["state"]
             fields["current_task"] = progress.get("currentTask") or None
         except RPCError:
             pass  # no worker is polling right now; the status alone is still right
     elif status == "completed":
         result = await handle.result(rpc_timeout=timedelta(seconds=10))
+        whole = await whole_run(state, row, result)
         fields.update(
-            output=result["output"], output_type=result["outputType"], state=result["state"]
+            output=whole["output"], output_type=result["outputType"], state=whole["state"]
         )
     else:
         try:
             await handle.result(rpc_timeout=timedelta(seconds=10))
         except WorkflowFailureError as err:
-            status, message, unit_state = failure_view(err)
+            status, message, unit_state = await failed_run(state, row, err)
             fields.update(error=message, state=unit_state)
     return RunView.model_validate(fields | {"status": status})
 

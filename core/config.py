@@ -51,6 +51,19 @@ class Settings(BaseSettings):
     template_max_operations: int = Field(100_000, ge=1, alias="CHAINLOOM_TEMPLATE_MAX_OPERATIONS")
     task_output_max_bytes: int = Field(512 * 1024, ge=1, alias="CHAINLOOM_TASK_OUTPUT_MAX_BYTES")
     run_result_max_bytes: int = Field(2_000_000, ge=1, alias="CHAINLOOM_RUN_RESULT_MAX_BYTES")
+    # Long and large chains (docs/chains.md): a chain run continues as new after this many
+    # steps (sooner when its history grows large); task outputs and state fields over the
+    # value limit (bytes of JSON) are kept in the database, not in Temporal history; a js task
+    # may return up to the output maximum that way; GET /runs/{id} and POST /tasks read stored
+    # values back inline up to the view maximum, past it they link GET /runs/{id}/values/{seq}.
+    chain_steps_per_run: int = Field(1000, ge=1, alias="CHAINLOOM_CHAIN_STEPS_PER_RUN")
+    chain_value_limit: int = Field(
+        64 * 1024, ge=1024, le=128 * 1024, alias="CHAINLOOM_CHAIN_VALUE_LIMIT"
+    )
+    chain_output_max_bytes: int = Field(
+        16 << 20, ge=1 << 20, alias="CHAINLOOM_CHAIN_OUTPUT_MAX_BYTES"
+    )
+    run_view_max_bytes: int = Field(16 << 20, ge=0, alias="CHAINLOOM_RUN_VIEW_MAX_BYTES")
     # Routing caches the backend, health and group tables this long inside a worker; a model
     # it cannot place makes it look again at once, so additions are never missed.
     routing_cache_seconds: float = Field(5.0, alias="CHAINLOOM_ROUTING_CACHE_SECONDS")

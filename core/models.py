@@ -427,3 +427,19 @@ class UsageRow(SQLModel, table=True):
     requests: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     tokens: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     updated_at: datetime = _ts()
+
+
+class RunRecordRow(SQLModel, table=True):
+    """A chain run's finished state units and its values too large for Temporal history
+    (docs/chains.md, "Long and large chains"). A value too large for one store call is kept
+    as parts of its JSON text."""
+
+    __tablename__ = "run_record"
+
+    workflow_id: str = Field(primary_key=True, max_length=400)
+    kind: str = Field(primary_key=True, max_length=16)  # unit | value
+    seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    part: int = Field(default=0, primary_key=True, sa_column_kwargs={"autoincrement": False})
+    tenant_id: str = Field(max_length=64, index=True)
+    data: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = _ts()

@@ -20,8 +20,9 @@ from chains.spec import ChainDefinition
 from core.config import Settings
 from core.db import Database
 from core.models import RunRow
+from core.runstate import records
 from workflows.contracts import chain_workflow_id, start_chain_workflow
-from workflows.types import ChainRunInput, RunOptions
+from workflows.types import ChainRunInput, RunOptions, StoreAs
 
 
 class RunInputTooLarge(ValueError):
@@ -68,6 +69,9 @@ def run_options(settings: Settings) -> RunOptions:
         template_max_operations=settings.template_max_operations,
         task_output_max_bytes=settings.task_output_max_bytes,
         run_result_max_bytes=settings.run_result_max_bytes,
+        steps_per_run=settings.chain_steps_per_run,
+        value_limit=settings.chain_value_limit,
+        output_max_bytes=settings.chain_output_max_bytes,
     )
 
 
@@ -113,23 +117,30 @@ async def start_chain_run(
     identity; with `existing_ok` a second start with the same id finds the first run instead
     of failing, so a retry never starts a chain twice.
     """
-    params = ChainRunInput(
-        chain=chain.model_dump(mode="json"),
-        input=input,
-        input_type=input_type,
-        tenant_id=tenant_id,
-        options=run_options(settings),
-    )
-    size = await encoded_size(client, params)
-    if size > settings.max_run_input_bytes:
-        raise RunInputTooLarge(size, settings.max_run_input_bytes)
     row = RunRow(
         tenant_id=tenant_id,
         workflow_id=workflow_id or chain_workflow_id(chain.id),
         chain_id=chain.id,
     )
     row = await asyncio.to_thread(_record, db, row, existing_ok)
+    options = run_options(settings)
+    size = 0
     try:
+        # A large input starts the run as a handle (value record 0), not as a payload in
+        # history.
+        input = await asyncio.to_thread(
+            records.keep, db, tenant_id, row.workflow_id, StoreAs(0, options.value_limit), input
+        )
+        params = ChainRunInput(
+            chain=chain.model_dump(mode="json"),
+            input=input,
+            input_type=input_type,
+            tenant_id=tenant_id,
+            options=options,
+        )
+        size = await encoded_size(client, params)
+        if size > settings.max_run_input_bytes:
+            raise RunInputTooLarge(size, settings.max_run_input_bytes)
         handle = await start_chain_workflow(
             client,
             params,

@@ -8,6 +8,9 @@ asked the model.
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -21,6 +24,9 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.run_store import RunStoreActivities
+from core.db import Database
+from core.runstate import records
 from worker import PASSTHROUGH, WORKFLOW_FAILURE_TYPES
 from workflows.chain import ChainWorkflow
 from workflows.types import (
@@ -41,6 +47,14 @@ RUN_TIMEOUT = timedelta(seconds=30)
 SENTIMENT = {"positive": True, "negative": False}
 
 Reply = str | LLMResult | Exception | Callable[[LLMRequest], str]
+
+
+@functools.cache
+def records_db() -> Database:
+    """The database the run-record activities of harness workers write to (SQLite)."""
+    db = Database(f"sqlite:///{tempfile.mkdtemp(prefix='chain-harness-')}/records.db")
+    db.migrate()
+    return db
 
 
 class MockLLM:
@@ -72,6 +86,9 @@ class MockLLM:
     def activities(self) -> list[Callable[..., Any]]:
         @activity.defn(name="llm_chat")
         async def llm_chat(request: LLMRequest) -> LLMResult:
+            # As the real activity does: a compacted history is read back whole.
+            messages = records.expand(records_db(), request.tenant_id, request.messages)
+            request = dataclasses.replace(request, messages=messages)
             self.requests.append(request)
             content = self._reply(request)
             if isinstance(content, LLMResult):
@@ -111,8 +128,13 @@ def chain(*tasks: dict[str, Any], **fields: Any) -> dict[str, Any]:
     return {"id": "test-chain", "tasks": list(tasks), **fields}
 
 
-def run_input(definition: dict[str, Any], value: Any, tenant_id: str = "default") -> ChainRunInput:
-    return ChainRunInput(chain=definition, input=value, tenant_id=tenant_id, options=OPTIONS)
+def run_input(
+    definition: dict[str, Any],
+    value: Any,
+    tenant_id: str = "default",
+    options: RunOptions = OPTIONS,
+) -> ChainRunInput:
+    return ChainRunInput(chain=definition, input=value, tenant_id=tenant_id, options=options)
 
 
 def new_id() -> str:
@@ -126,7 +148,7 @@ async def running_worker(env: WorkflowEnvironment, llm: MockLLM) -> AsyncIterato
         env.client,
         task_queue=queue,
         workflows=[ChainWorkflow],
-        activities=llm.activities(),
+        activities=[*llm.activities(), *RunStoreActivities(records_db()).activities()],
         workflow_runner=RUNNER,
         workflow_failure_exception_types=WORKFLOW_FAILURE_TYPES,
     ):
@@ -140,11 +162,12 @@ async def run_chain(
     llm: MockLLM | None = None,
     tenant_id: str = "default",
     workflow_id: str | None = None,
+    options: RunOptions = OPTIONS,
 ) -> dict[str, Any]:
     async with running_worker(env, llm or MockLLM()) as queue:
         result: dict[str, Any] = await env.client.execute_workflow(
             "ChainWorkflow",
-            run_input(definition, value, tenant_id),
+            run_input(definition, value, tenant_id, options),
             id=workflow_id or new_id(),
             task_queue=queue,
             execution_timeout=RUN_TIMEOUT,

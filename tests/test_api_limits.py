@@ -150,8 +150,9 @@ async def test_cancel_ends_a_run_whose_workflow_task_fails(stack: Stack, db: Dat
         assert_error(again, 409, "run_not_running")
 
 
-# A stack whose limits sit above what Temporal accepts: a chain output of 2.5 MB makes the
-# workflow task completing the run fail on the server's payload limit, every time.
+# A stack whose limits sit above what Temporal accepts: a prompt of 2.5 MB makes the workflow
+# task that schedules the model call fail on the payload limit, every time (task outputs that
+# large would be kept out of history, docs/chains.md "Long and large chains"; a prompt is sent).
 @pytest.fixture(scope="module")
 def loose_stack(temporal_address: str, database_url: str) -> Iterator[Stack]:
     big = str(8 * 1024 * 1024)
@@ -168,7 +169,14 @@ def loose_stack(temporal_address: str, database_url: str) -> Iterator[Stack]:
 
 OVERSIZED = {
     "id": "oversized",
-    "tasks": [{"id": "big", "handler": "noop", "output_template": "{{ 'a' * 2500000 }}"}],
+    "tasks": [
+        {
+            "id": "big",
+            "handler": "prompt_to_string",
+            "prompt_template": "{{ 'a' * 2500000 }}",
+            "execute_config": {"model": "gpt-4o-mini"},
+        }
+    ],
 }
 
 

@@ -217,24 +217,21 @@ def _chain(**extra: Any) -> dict[str, Any]:
 
 def test_run_inputs_over_the_cap_get_a_clear_413(stack: Stack) -> None:
     http = stack.http
-    # 10 MB: under the body limit, far over what Temporal takes (it answered 500 before).
-    chain = _chain()
-    resp = http.post("/tasks", json={"chain": chain, "input": "x" * 10_000_000})
+    # The chain definition travels in the workflow's start payload: a huge one is refused
+    # before anything is recorded (it answered 500 before, on Temporal's limits).
+    chain = _chain(description="d" * 262_144)
+    resp = http.post("/tasks", json={"chain": chain, "input": "small"})
     body = assert_error(resp, 413, "run_input_too_large", param="input")
     assert "CHAINLOOM_MAX_RUN_INPUT_BYTES" in body["detail"] and "262144" in body["detail"]
     assert http.get("/runs", params={"chainId": chain["id"]}).json() == []  # nothing recorded
-
-    # Just over the cap; the chain counts too; /runs is held to the same cap.
-    resp = http.post("/runs", json={"chain": _chain(), "input": "w" * 262_144})
-    assert_error(resp, 413, "run_input_too_large")
-    big_chain = _chain(description="d" * 262_144)
-    resp = http.post("/runs", json={"chain": big_chain, "input": "small"})
+    resp = http.post("/runs", json={"chain": _chain(description="d" * 262_144), "input": "x"})
     assert_error(resp, 413, "run_input_too_large")
 
-    # Under the cap a run goes through (its result holds the input four times over).
-    resp = http.post("/tasks", json={"chain": _chain(), "input": "y" * 250_000})
+    # A large input is kept out of history (docs/chains.md, "Long and large chains"), so a
+    # 9 MB input under the body limit runs, and its output comes back whole.
+    resp = http.post("/tasks", json={"chain": _chain(), "input": "y" * 9_000_000})
     assert resp.status_code == 200, resp.text[:300]
-    assert resp.json()["output"] == "y" * 250_000
+    assert resp.json()["output"] == "y" * 9_000_000
 
 
 def test_a_cap_above_what_temporal_takes_still_answers_413(
@@ -251,7 +248,8 @@ def test_a_cap_above_what_temporal_takes_still_answers_413(
             base_url=server.url, headers={"X-API-Key": Stack.API_KEY}, timeout=60
         ) as c:
             for size in (3 * MiB, 6 * MiB):  # over the blob limit; over the gRPC message
-                resp = c.post("/runs", json={"chain": _chain(), "input": "z" * size})
+                # A large input would be kept out of history; a large chain cannot be.
+                resp = c.post("/runs", json={"chain": _chain(description="z" * size)})
                 body = assert_error(resp, 413, "run_input_too_large")
                 assert "Temporal refused it" in body["detail"]
             assert c.get("/runs").json() == []

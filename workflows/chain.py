@@ -5,7 +5,7 @@ parsing, conditions and transitions run here, deterministically, so they cost no
 and replay for free.
 """
 
-import json
+import dataclasses
 from datetime import timedelta
 from typing import Any, NoReturn
 
@@ -24,17 +24,16 @@ with workflow.unsafe.imports_passed_through():
         canonical_handler,
         parse_duration,
     )
+    from workflows import values
+    from workflows.chain_store import RunStore
+    from workflows.chain_tools import Outcome, ToolSteps
     from workflows.contracts import (
         APPROVE_UPDATE,
         CHAIN_FAILED,
         CHAIN_WORKFLOW,
-        HOOK_CALL,
-        HOOK_TOOLS,
-        JS_RUN,
         LLM_CHAT,
         LLM_EMBED,
         PERMANENT_LLM_ERROR,
-        PERMANENT_TOOL_ERROR,
         PROGRESS_QUERY,
         RUN_NOT_WAITING,
         RUN_PHASE,
@@ -46,20 +45,14 @@ with workflow.unsafe.imports_passed_through():
         ChainRunInput,
         EmbedRequest,
         EmbedResult,
-        FunctionRunInput,
-        FunctionRunResult,
         LLMRequest,
         LLMResult,
         ModelChoice,
-        ToolCallRequest,
-        ToolCallResult,
+        StoreAs,
         ToolSpec,
-        ToolsRequest,
     )
 
-TOOL_TIMEOUT = 90.0
-# Patch ids (docs/workflows.md): js.* tool calls used to go through hook_call.
-JS_TOOLS_DIRECT = "js-tools-direct"
+# Patch ids (docs/workflows.md); js-tools-direct lives with the tool steps.
 # Approvals arrive through the approve update (refused unless the run waits on an approval
 # task) and the wait is marked in RunPhase; before, the approve signal was queued, early ones
 # included.
@@ -67,20 +60,13 @@ APPROVAL_UPDATE = "approval-update"
 # Templates, task outputs and the result are limited (RunOptions); runs recorded before
 # replay unlimited.
 CHAIN_LIMITS = "chain-limits"
+# Long and large chains: continue-as-new, values and state units in the run's records.
+BOUNDED_CHAINS = "bounded-chains"
 TOOL_CALL = "tool-call"
 
 
-class _Outcome:
-    __slots__ = ("meta", "output", "transition")
-
-    def __init__(self, output: Any, transition: str, meta: dict[str, Any] | None = None) -> None:
-        self.output = output
-        self.transition = transition
-        self.meta = meta or {}
-
-
 @workflow.defn(name=CHAIN_WORKFLOW)
-class ChainWorkflow:
+class ChainWorkflow(ToolSteps):
     def __init__(self) -> None:
         self._state: list[dict[str, Any]] = []
         self._status = "running"
@@ -95,6 +81,7 @@ class ChainWorkflow:
         self._limits = templating.UNLIMITED
         self._allowance: templating.Allowance | None = None
         self._allowance_at = -1
+        self._store: RunStore | None = None
 
     @workflow.query(name=PROGRESS_QUERY)
     def progress(self) -> dict[str, Any]:
@@ -103,6 +90,7 @@ class ChainWorkflow:
             "currentTask": self._current,
             "state": self._state,
             "output": self._output,
+            **self._stored(),
         }
 
     # Kept for replay only: histories recorded before APPROVAL_UPDATE carry this signal. The API
@@ -156,7 +144,22 @@ class ChainWorkflow:
         previous: Any = params.input
         task: TaskDefinition | None = chain.tasks[0]
         steps = 0
+        # Runs started before bounded chains keep everything in the workflow, as they did.
+        if workflow.patched(BOUNDED_CHAINS):
+            self._store = RunStore(params)
+            self._state = self._store.tail
+            resume = params.resume
+            if resume is not None:
+                variables, previous, steps = dict(resume.variables), resume.previous, resume.steps
+                if resume.previous_var:
+                    previous = variables[resume.previous_var]
+                self._decisions = [ApprovalDecision(**d) for d in resume.decisions]
+                task = self._goto(resume.task, resume.task)
+        run_steps = 0
         while task is not None:
+            if self._store is not None and self._store.should_continue(run_steps):
+                await self._continue_as_new(task, variables, previous, steps)
+            run_steps += 1
             steps += 1
             if steps > chain.max_steps:
                 self._fail(
@@ -171,20 +174,17 @@ class ChainWorkflow:
                 "taskID": task.id,
                 "taskHandler": task.handler,
                 "inputVar": task.input_var or "previous_output",
-                "input": engine.as_text(task_input),
-                "inputType": engine.value_type(task_input),
+                "input": values.text_of(task_input),
+                "inputType": values.type_of(task_input),
                 "startedAt": started.isoformat().replace("+00:00", "Z"),
             }
-            scope = {**variables, "previous_output": previous}
-            outcome: _Outcome | None = None
+            outcome: Outcome | None = None
             error = ""
             attempts = task.retry_on_failure + 1
             for attempt in range(1, attempts + 1):
                 unit["attempt"] = attempt
                 try:
-                    result = await self._execute(task, task_input, scope)
-                    self._finish(task, result, variables)
-                    outcome = result
+                    outcome = await self._attempt(task, task_input, variables, previous)
                     break
                 except TaskFailure as err:
                     error = str(err)
@@ -192,23 +192,22 @@ class ChainWorkflow:
             unit["duration"] = int((finished - started).total_seconds() * 1e9)
             if outcome is None:
                 unit.update(output="", outputType="string", transition="", error={"error": error})
-                self._state.append(unit)
+                await self._record(unit)
                 if task.transition.on_failure:
                     variables["error"] = error
                     task = self._goto(task.transition.on_failure, task.id)
                     continue
                 self._fail(f"task {task.id!r} ({task.handler}) failed: {error}")
-            output = outcome.output
             unit.update(outcome.meta)
             unit.update(
-                output=output,
-                outputType=engine.value_type(output),
-                transition=outcome.transition,
+                output=outcome.output,
+                outputType=values.type_of(outcome.output),
+                transition=outcome.transition if outcome.shown is None else outcome.shown,
                 error={"error": ""},
             )
+            output = await self._record(unit)
             variables[task.id] = output
             previous = output
-            self._state.append(unit)
             target = engine.next_task(task.transition, outcome.transition)
             if target is None:
                 self._fail(
@@ -218,8 +217,9 @@ class ChainWorkflow:
             task = None if target == TERM_END else self._goto(str(target), task.id)
         answer = {
             "output": previous,
-            "outputType": engine.value_type(previous),
+            "outputType": values.type_of(previous),
             "state": self._state,
+            **self._stored(),
         }
         if self._limited:
             # A result over Temporal's payload limit could never be recorded: the run would
@@ -235,6 +235,45 @@ class ChainWorkflow:
         self._output = previous
         return answer
 
+    async def _attempt(
+        self, task: TaskDefinition, task_input: Any, variables: dict[str, Any], previous: Any
+    ) -> Outcome:
+        scope = {**variables, "previous_output": previous}
+        if self._store is not None:
+            task_input, scope, variables = await self._store.prepare(
+                task, task_input, variables, previous
+            )
+        result = await self._execute(task, task_input, scope)
+        if self._store is not None:
+            result.output, result.transition, result.shown = await self._store.settle(
+                task, result.output, result.transition
+            )
+        self._finish(task, result, variables)
+        return result
+
+    async def _record(self, unit: dict[str, Any]) -> Any:
+        if self._store is None:
+            self._state.append(unit)
+            return unit.get("output")
+        return await self._store.record(unit)
+
+    def _stored(self) -> dict[str, Any]:
+        return self._store.extra() if self._store is not None else {}
+
+    def _slot(self) -> StoreAs | None:
+        return self._store.slot() if self._store is not None else None
+
+    async def _continue_as_new(
+        self, task: TaskDefinition, variables: dict[str, Any], previous: Any, steps: int
+    ) -> NoReturn:
+        assert self._store is not None
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        resume = await self._store.carry(task.id, variables, previous, steps)
+        # Signals that came while the records were written are carried too.
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        resume.decisions = [dataclasses.asdict(d) for d in self._decisions]
+        workflow.continue_as_new(dataclasses.replace(self._params, input=None, resume=resume))
+
     def _goto(self, target: str, source: str) -> TaskDefinition | None:
         if target in ("", TERM_END):
             return None
@@ -249,9 +288,11 @@ class ChainWorkflow:
         if self._limited:
             state = engine.trim_state(state, self._params.options.run_result_max_bytes // 2)
             message = message if len(message) <= 8000 else message[:8000] + "..."
-        raise ApplicationError(message, {"state": state}, type=CHAIN_FAILED, non_retryable=True)
+        raise ApplicationError(
+            message, {"state": state, **self._stored()}, type=CHAIN_FAILED, non_retryable=True
+        )
 
-    def _finish(self, task: TaskDefinition, outcome: _Outcome, variables: dict[str, Any]) -> None:
+    def _finish(self, task: TaskDefinition, outcome: Outcome, variables: dict[str, Any]) -> None:
         """Compose and print; a failure here is the task's failure, like any other."""
         try:
             if task.compose and task.compose.with_var:
@@ -274,7 +315,7 @@ class ChainWorkflow:
 
     async def _execute(
         self, task: TaskDefinition, task_input: Any, scope: dict[str, Any]
-    ) -> _Outcome:
+    ) -> Outcome:
         handler = canonical_handler(task.handler)
         try:
             if handler in LLM_PROMPT_HANDLERS:
@@ -335,33 +376,6 @@ class ChainWorkflow:
             ),
         }
 
-    async def _tools(self, task: TaskDefinition) -> list[ToolSpec]:
-        cfg = task.execute_config
-        if cfg is None or not cfg.hooks:
-            return []
-        try:
-            return await workflow.execute_activity(
-                HOOK_TOOLS,
-                ToolsRequest(self._params.tenant_id, list(cfg.hooks), list(cfg.hide_tools)),
-                result_type=list[ToolSpec],
-                summary=f"{task.id}: tools of {', '.join(cfg.hooks)}",
-                **self._tool_options(task),
-            )
-        except ActivityError as err:
-            raise TaskFailure(failure_message(err)) from err
-
-    def _tool_options(self, task: TaskDefinition) -> dict[str, Any]:
-        timeout = parse_duration(task.timeout) or TOOL_TIMEOUT
-        return {
-            "start_to_close_timeout": timedelta(seconds=timeout),
-            "retry_policy": RetryPolicy(
-                initial_interval=timedelta(seconds=1),
-                maximum_interval=timedelta(seconds=30),
-                maximum_attempts=self._params.options.llm_max_attempts,
-                non_retryable_error_types=[PERMANENT_TOOL_ERROR],
-            ),
-        }
-
     async def _call_llm(
         self,
         task: TaskDefinition,
@@ -390,7 +404,7 @@ class ChainWorkflow:
         except ActivityError as err:
             raise TaskFailure(failure_message(err)) from err
 
-    async def _prompt(self, task: TaskDefinition, handler: str, scope: dict[str, Any]) -> _Outcome:
+    async def _prompt(self, task: TaskDefinition, handler: str, scope: dict[str, Any]) -> Outcome:
         prompt = self._render(task.prompt_template, scope)
         messages: list[dict[str, Any]] = []
         if task.system_instruction:
@@ -405,9 +419,9 @@ class ChainWorkflow:
             # What the model was asked, as rendered: the first thing to read when a chain
             # answers oddly.
             meta["debug"] = {"messages": messages, "answer": result.content}
-        return _Outcome(output, engine.as_text(output), meta)
+        return Outcome(output, engine.as_text(output), meta)
 
-    async def _chat(self, task: TaskDefinition, task_input: Any, scope: dict[str, Any]) -> _Outcome:
+    async def _chat(self, task: TaskDefinition, task_input: Any, scope: dict[str, Any]) -> Outcome:
         history = engine.to_chat_history(task_input)
         messages = history["messages"]
         if task.system_instruction and not any(m.get("role") == "system" for m in messages):
@@ -422,125 +436,9 @@ class ChainWorkflow:
         history["inputTokens"] = int(history.get("inputTokens") or 0) + result.input_tokens
         history["outputTokens"] = int(history.get("outputTokens") or 0) + result.output_tokens
         transition = TOOL_CALL if result.tool_calls else result.content
-        return _Outcome(history, transition, _llm_meta(result))
+        return Outcome(history, transition, _llm_meta(result))
 
-    async def _call_tool(
-        self, task: TaskDefinition, hook: str, tool: str, args: dict[str, Any], key: str
-    ) -> Any:
-        if hook == "js" and workflow.patched(JS_TOOLS_DIRECT):
-            # A JS function offered as a tool (js.<name>) runs in the JS activity itself.
-            function = tool or str(args.get("function") or "")
-            if not function:
-                raise TaskFailure(
-                    "the js hook needs a function name: tool_name, or a `function` argument"
-                )
-            result = await self._run_js(task, function, args)
-            return result.result
-        request = ToolCallRequest(
-            tenant_id=self._params.tenant_id,
-            workflow_id=workflow.info().workflow_id,
-            task_id=task.id,
-            hook=hook,
-            tool=tool,
-            args=args,
-            idempotency_key=key,
-        )
-        try:
-            result = await workflow.execute_activity(
-                HOOK_CALL,
-                request,
-                result_type=ToolCallResult,
-                summary=f"{task.id}: {hook}.{tool}" if tool else f"{task.id}: {hook}",
-                **self._tool_options(task),
-            )
-        except ActivityError as err:
-            raise TaskFailure(failure_message(err)) from err
-        return result.output
-
-    async def _hook(self, task: TaskDefinition, scope: dict[str, Any]) -> _Outcome:
-        if task.hook is None:
-            raise TaskFailure("a hook task needs `hook.name`")
-        args = {
-            key: self._render(value, scope) if isinstance(value, str) else value
-            for key, value in task.hook.args.items()
-        }
-        key = f"{workflow.info().workflow_id}/{task.id}/{self._step}"
-        output = await self._call_tool(task, task.hook.name, task.hook.tool_name, args, key)
-        output = self._output_template(task, output, scope)
-        return _Outcome(output, output if isinstance(output, str) else "ok")
-
-    async def _run_js(self, task: TaskDefinition, function: str, value: Any) -> FunctionRunResult:
-        request = FunctionRunInput(
-            tenant_id=self._params.tenant_id,
-            function=function,
-            input=value,
-            workflow_id=workflow.info().workflow_id,
-        )
-        try:
-            return await workflow.execute_activity(
-                JS_RUN,
-                request,
-                result_type=FunctionRunResult,
-                summary=f"{task.id}: js {function}",
-                **self._tool_options(task),
-            )
-        except ActivityError as err:
-            raise TaskFailure(failure_message(err)) from err
-
-    async def _js(self, task: TaskDefinition, task_input: Any) -> _Outcome:
-        if task.hook is None:
-            raise TaskFailure("a js task needs `hook.name`, the function to run")
-        result = await self._run_js(task, task.hook.name, task_input)
-        output = result.result
-        meta: dict[str, Any] = {"logs": result.logs} if result.logs else {}
-        return _Outcome(output, output if isinstance(output, str) else "ok", meta)
-
-    def _offered_hooks(self) -> set[str]:
-        return {
-            hook
-            for t in self._chain.tasks
-            if t.execute_config is not None
-            for hook in t.execute_config.hooks
-        }
-
-    async def _execute_tool_calls(self, task: TaskDefinition, task_input: Any) -> _Outcome:
-        if not engine.is_chat_history(task_input):
-            raise TaskFailure("execute_tool_calls needs a chat history as input")
-        history = engine.to_chat_history(task_input)
-        messages = history["messages"]
-        last = messages[-1] if messages else {}
-        calls = last.get("tool_calls") or [] if last.get("role") == "assistant" else []
-        offered = self._offered_hooks()
-        for call in calls:
-            function = call.get("function") or {}
-            name = str(function.get("name") or "")
-            hook, _, tool = name.partition(".")
-            if hook not in offered:
-                # A client's own tool (pass_clients_tools): left for the caller to run.
-                continue
-            args = function.get("arguments") or {}
-            if isinstance(args, str):
-                try:
-                    args = json.loads(args) if args.strip() else {}
-                except ValueError as err:
-                    raise TaskFailure(
-                        f"tool call {name!r} has arguments that are not JSON"
-                    ) from err
-            key = f"{workflow.info().workflow_id}/{task.id}/{self._step}/{call.get('id', name)}"
-            output = await self._call_tool(task, hook, tool, dict(args), key)
-            messages.append(
-                {
-                    "role": "tool",
-                    "tool_call_id": call.get("id", ""),
-                    "name": name,
-                    "content": output if isinstance(output, str) else json.dumps(output),
-                }
-            )
-        return _Outcome(history, "executed")
-
-    async def _embed(
-        self, task: TaskDefinition, task_input: Any, scope: dict[str, Any]
-    ) -> _Outcome:
+    async def _embed(self, task: TaskDefinition, task_input: Any, scope: dict[str, Any]) -> Outcome:
         text = self._render(task.prompt_template, scope) if task.prompt_template else None
         request = EmbedRequest(
             tenant_id=self._params.tenant_id,
@@ -562,9 +460,9 @@ class ChainWorkflow:
         meta: dict[str, Any] = {"model": result.model, "backend": result.backend}
         if result.failed_over:
             meta["failedOver"] = result.failed_over
-        return _Outcome(result.vector, "ok", meta)
+        return Outcome(result.vector, "ok", meta)
 
-    async def _approval(self, task: TaskDefinition) -> _Outcome:
+    async def _approval(self, task: TaskDefinition) -> Outcome:
         # Histories from before the patch wait for the signal (and replay as they ran); an
         # update can still answer them once this code runs them.
         current = workflow.patched(APPROVAL_UPDATE)
@@ -607,23 +505,23 @@ class ChainWorkflow:
                 "payload": decision.payload,
                 "by": decision.by,
             }
-        return _Outcome(output, "approved" if output["approved"] else "rejected")
+        return Outcome(output, "approved" if output["approved"] else "rejected")
 
     def _deterministic(
         self, task: TaskDefinition, handler: str, task_input: Any, scope: dict[str, Any]
-    ) -> _Outcome:
+    ) -> Outcome:
         if handler == "noop":
             output = self._output_template(task, task_input, scope)
-            return _Outcome(output, engine.as_text(output))
+            return Outcome(output, engine.as_text(output))
         if handler == "raise_error":
             message = self._render(task.prompt_template, scope) if task.prompt_template else ""
             raise TaskFailure(message or f"task {task.id!r} raised an error")
         if handler == "parse_command":
             parsed = engine.parse_command(engine.as_text(task_input))
-            return _Outcome(self._output_template(task, parsed, scope), parsed["command"])
+            return Outcome(self._output_template(task, parsed, scope), parsed["command"])
         if handler == "parse_key_value":
             pairs = engine.parse_key_value(engine.as_text(task_input))
-            return _Outcome(self._output_template(task, pairs, scope), "ok")
+            return Outcome(self._output_template(task, pairs, scope), "ok")
         if handler == "convert_to_openai_chat_response":
             if not engine.is_chat_history(task_input):
                 raise TaskFailure("convert_to_openai_chat_response needs a chat history as input")
@@ -633,7 +531,7 @@ class ChainWorkflow:
                 f"chatcmpl-{info.run_id}-{task.id}",
                 int(workflow.now().timestamp()),
             )
-            return _Outcome(response, "ok")
+            return Outcome(response, "ok")
         raise TaskFailure(
             f"handler {task.handler!r} is not available yet in this version of chainloom"
         )

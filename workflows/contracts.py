@@ -41,6 +41,9 @@ HOOK_CALL = "hook_call"
 JS_RUN = "js_run"
 SYNC_BACKENDS = "sync_backends"
 OLLAMA_PULL = "ollama_pull"
+# A chain run's records (state units, values too large for history): write, read back.
+RUN_STORE = "run_store"
+RUN_LOAD = "run_load"
 
 # --------------------------------------------------------------------------- error types
 
@@ -62,6 +65,8 @@ JS_HOST_CRASHED = "JSHostCrashed"
 # A JS call that never ran: its tenant's queue at the pool was full, or its turn did not come
 # within its wall time; retried.
 JS_BUSY = "JSBusy"
+# A stored value that cannot be read back: missing, another tenant's, or too large to load.
+STORED_VALUE_ERROR = "StoredValueError"
 # A model pull that can never succeed (unknown model, backend gone): not retried.
 PULL_FAILED = "ModelPullFailed"
 # An approval sent to a chain run that is not waiting on an approval task; its details carry

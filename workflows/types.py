@@ -20,6 +20,31 @@ class RunOptions:
     template_max_operations: int = 100_000
     task_output_max_bytes: int = 512 * 1024
     run_result_max_bytes: int = 2_000_000
+    # Long and large chains (docs/chains.md): a run continues as new after this many steps;
+    # values over value_limit bytes of JSON live in the run's records, not in history; a js
+    # task may hand back a stored result of up to output_max_bytes.
+    steps_per_run: int = 1000
+    value_limit: int = 64 * 1024
+    output_max_bytes: int = 16 << 20
+
+
+@dataclass
+class ChainResume:
+    """What a chain run hands to the run it continues as: where it stood, and nothing large
+    (values over the limit travel as handles, finished state units are in the records)."""
+
+    task: str
+    variables: dict[str, Any]
+    previous: Any
+    steps: int
+    # State units 0..stored-1 are in the run's records; the last record number used.
+    stored: int
+    seq: int
+    # Approval decisions received and not used yet (ApprovalDecision fields).
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    runs: int = 1
+    # `previous` is this variable's value (not carried twice).
+    previous_var: str = ""
 
 
 @dataclass
@@ -29,6 +54,17 @@ class ChainRunInput:
     input_type: str = "string"
     tenant_id: str = "default"
     options: RunOptions = field(default_factory=RunOptions)
+    resume: ChainResume | None = None
+
+
+@dataclass
+class StoreAs:
+    """Lets an activity keep its own result out of history: a result of more than `above`
+    bytes of JSON is written as the run's value record `seq`, and its handle returned."""
+
+    seq: int
+    above: int
+    max_bytes: int = 0
 
 
 @dataclass
@@ -131,12 +167,40 @@ class ToolCallRequest:
     args: dict[str, Any]
     # Stable across retries of this call, sent as Idempotency-Key so a retry is safe.
     idempotency_key: str
+    store: StoreAs | None = None
 
 
 @dataclass
 class ToolCallResult:
     output: Any
     status: int = 200
+
+
+@dataclass
+class StoredRecord:
+    """One row of a run's records: a state unit or a value (or a part of its JSON text)."""
+
+    kind: str
+    seq: int
+    data: Any = None
+    text: str = ""
+    part: int = 0
+
+
+@dataclass
+class StoreRequest:
+    tenant_id: str
+    workflow_id: str
+    records: list[StoredRecord]
+
+
+@dataclass
+class LoadRequest:
+    """Read stored values (handles or placeholders) back, at most max_bytes in all."""
+
+    tenant_id: str
+    refs: list[dict[str, Any]]
+    max_bytes: int
 
 
 @dataclass
@@ -150,6 +214,7 @@ class FunctionRunInput:
     depth: int = 0
     trigger: str = ""
     workflow_id: str = ""
+    store: StoreAs | None = None
 
 
 @dataclass

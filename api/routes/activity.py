@@ -125,7 +125,7 @@ async def request_state(id: str, state: StateDep, principal: PrincipalDep) -> di
         raise APIError(404, "not_found", f"request {id} started no run", param="id")
     run = await asyncio.to_thread(get_run_row, state, principal, row.run_id)
     client = await state.temporal.get()
-    view = (await run_view(client, run)).model_dump(mode="json", by_alias=True)
+    view = (await run_view(state, client, run)).model_dump(mode="json", by_alias=True)
     return {
         "requestId": row.id,
         "runId": run.id,

@@ -30,11 +30,12 @@ from api.run_service import (
     APPROVE_WAIT_SECONDS,
     approve,
     closed_run,
-    failure_view,
+    failed_run,
     get_run_row,
     resolve_chain,
     run_view,
     start_run,
+    whole_run,
 )
 from workflows.types import ApprovalDecision
 
@@ -78,7 +79,7 @@ async def execute_task(body: TaskExecutionRequest, state: StateDep, principal: P
         created = RunCreated.model_validate(run)
         return JSONResponse(created.model_dump(mode="json", by_alias=True), status_code=202)
     except WorkflowFailureError as err:
-        status, message, unit_state = failure_view(err)
+        status, message, unit_state = await failed_run(state, run, err)
         failure = TaskChainFailure.model_validate(
             error_body(422, f"chain_{status}", message)
             | {
@@ -88,8 +89,9 @@ async def execute_task(body: TaskExecutionRequest, state: StateDep, principal: P
             }
         )
         return JSONResponse(failure.model_dump(mode="json", by_alias=True), status_code=422)
+    whole = await whole_run(state, run, result)
     return TaskExecutionResponse(
-        id=run.id, output=result["output"], output_type=result["outputType"], state=result["state"]
+        id=run.id, output=whole["output"], output_type=result["outputType"], state=whole["state"]
     )
 
 
@@ -164,7 +166,7 @@ async def list_runs(
 async def get_run(id: str, state: StateDep, principal: PrincipalDep) -> RunView:
     row = await asyncio.to_thread(get_run_row, state, principal, id)
     client = await state.temporal.get()
-    return await run_view(client, row)
+    return await run_view(state, client, row)
 
 
 @router.post(

@@ -255,11 +255,14 @@ class JSRunner:
         wall_limit: float | None = None,
         tenant: str = "",
         beat: Callable[[], Any] | None = None,
+        max_result: int | None = None,
     ) -> JSResult:
         """Run `main(input)` of `script`; its JSON result, or JSError.
 
         `tenant` decides the call's place in the fair queue; `beat` is called every second
         while the call waits for its turn (the js_run activity heartbeats with it).
+        `max_result` raises the result limit for a caller that keeps large results out of
+        history.
         """
         try:
             input_text = json.dumps(input)
@@ -270,7 +273,7 @@ class JSRunner:
             "script": script,
             "input": input_text,
             "timeout": time_limit or self.timeout,
-            "max_result": self.max_result_bytes,
+            "max_result": max(max_result or 0, self.max_result_bytes),
         }
         done = await self._call(message, builtins, time_limit, wall_limit, tenant, beat)
         try:

@@ -1,7 +1,7 @@
 """secret bindings: provider keys bound to a URL, backends approved by an admin, audit detail
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-02 10:00:00.000000
 """
 
@@ -10,7 +10,7 @@ from alembic import op
 
 
 revision = '0008'
-down_revision = '0006'
+down_revision = '0007'
 branch_labels = None
 depends_on = None
 
