@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeat import heartbeating
 from core import outbound
 from core.config import Settings
 from core.db import Database
@@ -90,6 +91,10 @@ class HookActivities:
 
     @activity.defn(name=HOOK_TOOLS)
     async def tools(self, req: ToolsRequest) -> list[ToolSpec]:
+        # Fetching a service's OpenAPI document may take a while: beat meanwhile.
+        return await heartbeating(self._tools(req))
+
+    async def _tools(self, req: ToolsRequest) -> list[ToolSpec]:
         hide = set(req.hide_tools)
         specs: list[ToolSpec] = []
         for name in dict.fromkeys(req.hooks):
@@ -119,6 +124,10 @@ class HookActivities:
 
     @activity.defn(name=HOOK_CALL)
     async def call(self, req: ToolCallRequest) -> ToolCallResult:
+        # A hook may take its time to answer; the beats say the worker is still waiting.
+        return await heartbeating(self._call(req))
+
+    async def _call(self, req: ToolCallRequest) -> ToolCallResult:
         if req.hook == "echo":
             return ToolCallResult(req.args)
         if req.hook == "print":

@@ -45,6 +45,7 @@ def dev(
     host: Annotated[str, typer.Option(help="API bind address.")] = "127.0.0.1",
 ) -> None:
     """Run everything locally: Temporal dev server, a worker and the API."""
+    from core.config import Settings
     from core.devserver import start_dev_server, stop_process, wait_for_port
 
     data_dir = data_dir.resolve()
@@ -71,12 +72,14 @@ def dev(
     signal.signal(signal.SIGINT, request_stop)
     typer.echo(f"starting Temporal dev server (data in {data_dir}) ...")
     children: list[subprocess.Popen[bytes]] = []
+    worker: subprocess.Popen[bytes] | None = None
     try:
         children.append(
             start_dev_server(data_dir, temporal_port, ui_port, log_file=data_dir / "temporal.log")
         )
         exe = [sys.executable, "-m", "cli.main"]
-        children.append(subprocess.Popen([*exe, "worker"], env=env))
+        worker = subprocess.Popen([*exe, "worker"], env=env)
+        children.append(worker)
         children.append(
             subprocess.Popen([*exe, "api", "--host", host, "--port", str(port)], env=env)
         )
@@ -97,8 +100,13 @@ def dev(
         typer.secho(f"could not start: {err}", fg="red", err=True)
         raise typer.Exit(1) from err
     finally:
+        # The worker stops gracefully: it takes no new task and lets model, hook and JS calls
+        # in flight finish (up to CHAINLOOM_WORKER_SHUTDOWN_GRACE), so it gets that long.
+        grace = Settings().shutdown_grace
         for child in reversed(children):
-            stop_process(child)
+            if child is worker and child.poll() is None:
+                typer.echo(f"waiting up to {grace:.0f} s for running calls to finish ...")
+            stop_process(child, grace + 10 if child is worker else 10)
         typer.echo("stopped")
 
 

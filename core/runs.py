@@ -29,6 +29,8 @@ def run_options(settings: Settings) -> RunOptions:
         llm_max_attempts=settings.llm_max_attempts,
         llm_timeout=settings.llm_timeout,
         llm_heartbeat_timeout=settings.llm_heartbeat_timeout,
+        tool_heartbeat_timeout=settings.tool_heartbeat_timeout,
+        retry_initial_interval=settings.retry_initial_interval,
     )
 
 
@@ -97,6 +99,7 @@ async def start_chain_run(
             chain_id=chain.id,
             task_queue=settings.task_queue,
             summary=summary,
+            task_timeout=settings.workflow_task_timeout,
         )
     except WorkflowAlreadyStartedError:
         if not existing_ok:

@@ -56,6 +56,8 @@ with workflow.unsafe.imports_passed_through():
 TOOL_TIMEOUT = 90.0
 # Patch ids (docs/workflows.md): js.* tool calls used to go through hook_call.
 JS_TOOLS_DIRECT = "js-tools-direct"
+# Hook idempotency keys name the retry_on_failure attempt: a task run again sends a new key.
+HOOK_KEY_ATTEMPT = "hook-key-attempt"
 TOOL_CALL = "tool-call"
 
 
@@ -77,6 +79,7 @@ class ChainWorkflow:
         self._decisions: list[ApprovalDecision] = []
         self._output: Any = None
         self._step = 0
+        self._attempt = 1
 
     @workflow.query(name=PROGRESS_QUERY)
     def progress(self) -> dict[str, Any]:
@@ -125,6 +128,7 @@ class ChainWorkflow:
             attempts = task.retry_on_failure + 1
             for attempt in range(1, attempts + 1):
                 unit["attempt"] = attempt
+                self._attempt = attempt
                 try:
                     result = await self._execute(task, task_input, scope)
                     self._finish(task, result, variables)
@@ -243,7 +247,7 @@ class ChainWorkflow:
             "start_to_close_timeout": timedelta(seconds=timeout),
             "heartbeat_timeout": timedelta(seconds=opts.llm_heartbeat_timeout),
             "retry_policy": RetryPolicy(
-                initial_interval=timedelta(seconds=1),
+                initial_interval=timedelta(seconds=opts.retry_initial_interval),
                 backoff_coefficient=2.0,
                 maximum_interval=timedelta(seconds=30),
                 maximum_attempts=opts.llm_max_attempts,
@@ -267,16 +271,30 @@ class ChainWorkflow:
             raise TaskFailure(failure_message(err)) from err
 
     def _tool_options(self, task: TaskDefinition) -> dict[str, Any]:
+        opts = self._params.options
         timeout = parse_duration(task.timeout) or TOOL_TIMEOUT
-        return {
+        options: dict[str, Any] = {
             "start_to_close_timeout": timedelta(seconds=timeout),
             "retry_policy": RetryPolicy(
-                initial_interval=timedelta(seconds=1),
+                initial_interval=timedelta(seconds=opts.retry_initial_interval),
                 maximum_interval=timedelta(seconds=30),
-                maximum_attempts=self._params.options.llm_max_attempts,
+                maximum_attempts=opts.llm_max_attempts,
                 non_retryable_error_types=[PERMANENT_TOOL_ERROR],
             ),
         }
+        if opts.tool_heartbeat_timeout > 0:
+            # Hook and JS activities beat while they wait, so a lost worker is noticed in
+            # seconds rather than at the start-to-close timeout.
+            options["heartbeat_timeout"] = timedelta(seconds=opts.tool_heartbeat_timeout)
+        return options
+
+    def _key(self, task: TaskDefinition) -> str:
+        """The idempotency key prefix of a hook call: stable across Temporal's retries of the
+        call, new for each retry_on_failure attempt (the task is meant to run again)."""
+        key = f"{workflow.info().workflow_id}/{task.id}/{self._step}"
+        if workflow.patched(HOOK_KEY_ATTEMPT):
+            key += f"/{self._attempt}"
+        return key
 
     async def _call_llm(
         self,
@@ -380,7 +398,7 @@ class ChainWorkflow:
             key: self._render(value, scope) if isinstance(value, str) else value
             for key, value in task.hook.args.items()
         }
-        key = f"{workflow.info().workflow_id}/{task.id}/{self._step}"
+        key = self._key(task)
         output = await self._call_tool(task, task.hook.name, task.hook.tool_name, args, key)
         output = self._output_template(task, output, scope)
         return _Outcome(output, output if isinstance(output, str) else "ok")
@@ -442,7 +460,7 @@ class ChainWorkflow:
                     raise TaskFailure(
                         f"tool call {name!r} has arguments that are not JSON"
                     ) from err
-            key = f"{workflow.info().workflow_id}/{task.id}/{self._step}/{call.get('id', name)}"
+            key = f"{self._key(task)}/{call.get('id', name)}"
             output = await self._call_tool(task, hook, tool, dict(args), key)
             messages.append(
                 {

@@ -15,6 +15,11 @@ class RunOptions:
     llm_max_attempts: int = 5
     llm_timeout: float = 300.0
     llm_heartbeat_timeout: float = 20.0
+    # The defaults of fields added later are what runs started before them did, so a run
+    # recorded then still issues the same commands: no heartbeat timeout on hook and JS
+    # calls, a 1 s first retry interval.
+    tool_heartbeat_timeout: float = 0.0
+    retry_initial_interval: float = 1.0
 
 
 @dataclass
