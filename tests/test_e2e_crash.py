@@ -230,7 +230,7 @@ def test_sigterm_lets_the_call_in_flight_finish_and_takes_nothing_new(
     llm = ScriptedLLM(models=["gpt-4o-mini"]).start()
     llm.reply("step 1", "one", delay=3.0)
     llm.reply(None, "two")
-    crash = Crash(temporal_address, tmp_path)
+    crash = Crash(temporal_address, tmp_path, CHAINLOOM_WORKER_SHUTDOWN_GRACE=30)
     try:
         resp = crash.http.post(
             "/backends", json={"name": "llm", "baseUrl": llm.openai_base, "type": "openai"}

@@ -2,8 +2,8 @@
 
 Unit tests run each activity in Temporal's ActivityEnvironment with a short heartbeat timeout
 against a service that answers slowly, and count the beats. The end-to-end test runs a chain
-on a real worker whose hook and JS heartbeat timeout (1 s) is far below the service's answer
-time: without beats every attempt would time out.
+on a real worker whose hook and JS heartbeat timeout (2 s) is far below the service's answer
+time (4.5 s): without beats every attempt would time out.
 """
 
 import dataclasses
@@ -166,7 +166,9 @@ def beat_stack(temporal_address: str, sqlite_url: str) -> Iterator[Stack]:
         temporal_address,
         sqlite_url,
         CHAINLOOM_OUTBOUND_ALLOWLIST=ALLOWLIST,
-        CHAINLOOM_TOOL_HEARTBEAT_TIMEOUT=1,
+        # Beats reach the server about once a second (the worker's throttle), so 2 s leaves
+        # room for a slow machine; the service answers after 4.5 s.
+        CHAINLOOM_TOOL_HEARTBEAT_TIMEOUT=2,
         CHAINLOOM_LLM_MAX_ATTEMPTS=2,
     )
     yield s
@@ -186,9 +188,9 @@ def run_chain(stack: Stack, tasks: list[dict[str, Any]]) -> dict[str, Any]:
 def test_slow_hooks_and_functions_outlive_a_short_heartbeat_timeout(
     beat_stack: Stack, svc: HookService
 ) -> None:
-    """The hook and the JS function answer after 2.5 s, the heartbeat timeout is 1 s: each
+    """The hook and the JS function answer after 4.5 s, the heartbeat timeout is 2 s: each
     is called once and the run completes, because the activities beat while they wait."""
-    svc.slow_seconds = 2.5
+    svc.slow_seconds = 4.5
     name = f"slow_{uuid.uuid4().hex[:8]}"
     script = f"function main(input) {{ return httpFetch('{svc.url}/slow/js').status; }}"
     resp = beat_stack.http.post("/functions", json={"name": name, "script": script})
