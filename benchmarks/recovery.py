@@ -50,7 +50,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +163,8 @@ class SoakResult:
     outputs: dict[str, Any]
     statuses: dict[str, str]
     elapsed: float
-    notes: list[str] = field(default_factory=list)
+    # The exit code of the last worker, stopped with SIGTERM (graceful: 0).
+    last_worker_exit: int | None = None
 
     def wrong_outputs(self) -> list[str]:
         wrong = []
@@ -391,19 +392,19 @@ def soak(
     rng = random.Random(seed)
     began = time.time()
     with _stack(temporal_address, workdir, overrides, delay) as (_, llm, http, env):
-        worker = WorkerProcess(env, workdir / "worker-0.log")
-        worker.wait_ready()
         tags = [f"run-{n}" for n in range(runs)]
         run_ids: dict[str, str] = {}
-        chain = soak_chain(steps)
-        for tag in tags:
-            resp = http.post("/runs", json={"chain": chain, "input": tag})
-            resp.raise_for_status()
-            run_ids[tag] = resp.json()["id"]
         record: list[Kill] = []
         workers: list[WorkerProcess] = []
         restarted = began
+        worker = WorkerProcess(env, workdir / "worker-0.log")
         try:
+            worker.wait_ready()
+            chain = soak_chain(steps)
+            for tag in tags:
+                resp = http.post("/runs", json={"chain": chain, "input": tag})
+                resp.raise_for_status()
+                run_ids[tag] = resp.json()["id"]
             for number in range(1, kills + 1):
                 last = _wait_until_all_moved(llm, tags, steps, restarted, delay)
                 if kill_at == "answer":
@@ -423,9 +424,7 @@ def soak(
                 say(f"kill {number}: {len(in_flight)} runs in flight")
             statuses, outputs = _wait_for_runs(http, run_ids)
         finally:
-            code = worker.stop()
-            if code not in (0, None):
-                say(f"the last worker exited with {code} on SIGTERM")
+            stopped = worker.stop()
         calls = _calls(llm)
     for kill, started in zip(record, workers, strict=True):
         kill.ready_at = started.ready_at
@@ -440,6 +439,7 @@ def soak(
         outputs=outputs,
         statuses=statuses,
         elapsed=time.time() - began,
+        last_worker_exit=stopped,
     )
 
 
@@ -577,7 +577,10 @@ def main(argv: list[str] | None = None) -> None:
                 )
             print(result.table())
             problems = result.wrong_outputs() + result.unexplained_repeats()
-            print(f"\nrepeated calls: {result.repeats()}; problems: {problems or 'none'}")
+            print(
+                f"\nrepeated calls: {result.repeats()}; problems: {problems or 'none'}; "
+                f"the last worker exited with {result.last_worker_exit} on SIGTERM"
+            )
             results.append((label, result))
     finally:
         stop_process(server)

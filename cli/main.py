@@ -48,6 +48,9 @@ def dev(
     from core.config import Settings
     from core.devserver import start_dev_server, stop_process, wait_for_port
 
+    # The worker stops gracefully: it takes no new task and lets model, hook and JS calls in
+    # flight finish (up to CHAINLOOM_WORKER_SHUTDOWN_GRACE), so it is given that long.
+    grace = Settings().shutdown_grace
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     key = dev_api_key(data_dir)
@@ -100,9 +103,6 @@ def dev(
         typer.secho(f"could not start: {err}", fg="red", err=True)
         raise typer.Exit(1) from err
     finally:
-        # The worker stops gracefully: it takes no new task and lets model, hook and JS calls
-        # in flight finish (up to CHAINLOOM_WORKER_SHUTDOWN_GRACE), so it gets that long.
-        grace = Settings().shutdown_grace
         for child in reversed(children):
             if child is worker and child.poll() is None:
                 typer.echo(f"waiting up to {grace:.0f} s for running calls to finish ...")

@@ -24,6 +24,7 @@ def test_runs_survive_six_worker_kills_and_move_again_in_seconds(
     with capsys.disabled():
         print("\nrecovery after a worker crash (seconds from the new worker's start):")
         print(result.table())
+        print(f"the last worker exited with {result.last_worker_exit} on SIGTERM")
     assert len(result.kills) == 6
     assert all(kill.in_flight for kill in result.kills), "a kill found no run in flight"
     assert result.wrong_outputs() == []
