@@ -117,6 +117,11 @@ def build_worker(
         # Heartbeats reach the server at most this often (the SDK's default is 0.8 x the
         # heartbeat timeout, 4 s for a pull): model-pull progress is read from them.
         max_heartbeat_throttle_interval=timedelta(seconds=1),
+        # A dead worker's cached runs wait this long on its sticky queue before any worker may
+        # take them (the SDK's 10 s would freeze every run it had in flight).
+        sticky_queue_schedule_to_start_timeout=timedelta(seconds=settings.sticky_timeout),
+        # On shutdown no new task is taken; running activities get this long to finish.
+        graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace),
         workflow_runner=SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
         ),
@@ -135,9 +140,16 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     worker = build_worker(client, settings, db)
-    log.info("worker polling task queue %r on %s", settings.task_queue, settings.temporal_address)
     async with worker:
+        log.info(
+            "worker polling task queue %r on %s", settings.task_queue, settings.temporal_address
+        )
         await stop.wait()
+        log.info(
+            "worker stopping: no new tasks; running activities get up to %.0f s",
+            settings.shutdown_grace,
+        )
+    log.info("worker stopped")
     db.dispose()
 
 

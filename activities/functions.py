@@ -25,6 +25,7 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeat import heartbeating
 from activities.hooks import HookActivities
 from activities.llm import LLMActivities
 from activities.run_store import keep_result, read_back
@@ -85,7 +86,8 @@ class FunctionActivities:
 
     @activity.defn(name=JS_RUN)
     async def js_run(self, req: FunctionRunInput) -> FunctionRunResult:
-        return await self.run(req)
+        # Beats while the script runs in its host and while it waits on builtins.
+        return await heartbeating(self.run(req))
 
     def runner(self) -> JSRunner:
         if self._runner is not None:

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeat import heartbeating
 from activities.run_store import keep_result
 from core import outbound
 from core.config import Settings
@@ -90,6 +91,10 @@ class HookActivities:
 
     @activity.defn(name=HOOK_TOOLS)
     async def tools(self, req: ToolsRequest) -> list[ToolSpec]:
+        # Fetching a service's OpenAPI document may take a while: beat meanwhile.
+        return await heartbeating(self._tools(req))
+
+    async def _tools(self, req: ToolsRequest) -> list[ToolSpec]:
         hide = set(req.hide_tools)
         specs: list[ToolSpec] = []
         for name in dict.fromkeys(req.hooks):
@@ -119,7 +124,8 @@ class HookActivities:
 
     @activity.defn(name=HOOK_CALL)
     async def call(self, req: ToolCallRequest) -> ToolCallResult:
-        result = await self._call(req)
+        # A hook may take its time to answer; the beats say the worker is still waiting.
+        result = await heartbeating(self._call(req))
         # A hook task's large answer goes to the run's records, its handle to history.
         result.output = await keep_result(
             self._db, req.tenant_id, req.workflow_id, req.store, result.output

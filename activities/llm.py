@@ -15,7 +15,6 @@ someone probing what answers there.
 """
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +24,7 @@ from typing import Any, TypeVar
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeat import heartbeating
 from activities.run_store import read_back
 from core.backends.health import Health, group_pairs, load_health, mark_down, mark_up, note_error
 from core.backends.providers import BackendRef, ProviderClients, ProviderError, same_model
@@ -137,7 +137,7 @@ class LLMActivities:
                 tool_calls=answer.tool_calls,
             )
 
-        result, failed = await _with_heartbeat(self._route(req.tenant_id, req.choice, call))
+        result, failed = await heartbeating(self._route(req.tenant_id, req.choice, call))
         result.failed_over = failed
         # Only here, after the call succeeded: a failed attempt Temporal retries counts nothing.
         await self._count_tokens(req.tenant_id, result.input_tokens + result.output_tokens)
@@ -161,7 +161,7 @@ class LLMActivities:
             vector, tokens = await self._clients.embed(backend, model, req.text)
             return EmbedResult(vector=vector, model=model, backend=backend.name, tokens=tokens)
 
-        result, failed = await _with_heartbeat(self._route(req.tenant_id, req.choice, call))
+        result, failed = await heartbeating(self._route(req.tenant_id, req.choice, call))
         result.failed_over = failed
         await self._count_tokens(req.tenant_id, result.tokens)
         return result
@@ -305,28 +305,6 @@ def _check_token_limit(req: LLMRequest) -> None:
             type=PERMANENT_LLM_ERROR,
             non_retryable=True,
         )
-
-
-async def _with_heartbeat(work: Awaitable[T]) -> T:
-    """Heartbeat while the call runs, so a dead worker is noticed within the heartbeat timeout."""
-    info = activity.info()
-    timeout = info.heartbeat_timeout
-    if not timeout:
-        return await work
-    interval = max(timeout.total_seconds() / 3, 0.2)
-
-    async def beat() -> None:
-        while True:
-            await asyncio.sleep(interval)
-            activity.heartbeat()
-
-    beater = asyncio.create_task(beat())
-    try:
-        return await work
-    finally:
-        beater.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beater
 
 
 def all_activities(obj: LLMActivities) -> list[Callable[..., Any]]:

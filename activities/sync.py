@@ -6,6 +6,7 @@ from typing import Any
 from sqlmodel import col, select
 from temporalio import activity
 
+from activities.heartbeat import heartbeating
 from core.backends.health import mark_down, mark_up
 from core.backends.keys import ProviderKey, provider_keys
 from core.backends.providers import ProviderClients, ProviderError, same_model
@@ -52,6 +53,11 @@ class SyncActivities:
 
     @activity.defn(name=SYNC_BACKENDS)
     async def sync_backends(self) -> dict[str, Any]:
+        # A pass waits on every backend (a slow one up to the client's timeout); beating lets
+        # a lost worker's pass be retried in seconds, not at the start-to-close timeout.
+        return await heartbeating(self._sync())
+
+    async def _sync(self) -> dict[str, Any]:
         backends, declared, keys = await asyncio.to_thread(self._load)
         summary: dict[str, Any] = {
             "backends": len(backends),

@@ -45,8 +45,12 @@ def dev(
     host: Annotated[str, typer.Option(help="API bind address.")] = "127.0.0.1",
 ) -> None:
     """Run everything locally: Temporal dev server, a worker and the API."""
+    from core.config import Settings
     from core.devserver import start_dev_server, stop_process, wait_for_port
 
+    # The worker stops gracefully: it takes no new task and lets model, hook and JS calls in
+    # flight finish (up to CHAINLOOM_WORKER_SHUTDOWN_GRACE), so it is given that long.
+    grace = Settings().shutdown_grace
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     key = dev_api_key(data_dir)
@@ -73,12 +77,14 @@ def dev(
     signal.signal(signal.SIGINT, request_stop)
     typer.echo(f"starting Temporal dev server (data in {data_dir}) ...")
     children: list[subprocess.Popen[bytes]] = []
+    worker: subprocess.Popen[bytes] | None = None
     try:
         children.append(
             start_dev_server(data_dir, temporal_port, ui_port, log_file=data_dir / "temporal.log")
         )
         exe = [sys.executable, "-m", "cli.main"]
-        children.append(subprocess.Popen([*exe, "worker"], env=env))
+        worker = subprocess.Popen([*exe, "worker"], env=env)
+        children.append(worker)
         children.append(
             subprocess.Popen([*exe, "api", "--host", host, "--port", str(port)], env=env)
         )
@@ -100,7 +106,9 @@ def dev(
         raise typer.Exit(1) from err
     finally:
         for child in reversed(children):
-            stop_process(child)
+            if child is worker and child.poll() is None:
+                typer.echo(f"waiting up to {grace:.0f} s for running calls to finish ...")
+            stop_process(child, grace + 10 if child is worker else 10)
         typer.echo("stopped")
 
 

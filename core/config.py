@@ -39,8 +39,23 @@ class Settings(BaseSettings):
     # up to this many attempts; they do not count against a task's retry_on_failure.
     llm_max_attempts: int = Field(5, alias="CHAINLOOM_LLM_MAX_ATTEMPTS")
     llm_timeout: float = Field(300.0, alias="CHAINLOOM_LLM_TIMEOUT")
-    # A worker that dies mid-call is noticed after this long, and the call moves on.
-    llm_heartbeat_timeout: float = Field(20.0, alias="CHAINLOOM_LLM_HEARTBEAT_TIMEOUT")
+    # Recovery from a lost worker (docs/operations.md, "Recovery after a worker crash"). A
+    # worker that dies mid-call is noticed this long after its last heartbeat (activities beat
+    # every third of it), and the call moves to another worker: for model calls, and for hook
+    # and JS calls.
+    llm_heartbeat_timeout: float = Field(3.0, alias="CHAINLOOM_LLM_HEARTBEAT_TIMEOUT")
+    tool_heartbeat_timeout: float = Field(3.0, alias="CHAINLOOM_TOOL_HEARTBEAT_TIMEOUT")
+    # First wait before Temporal retries a failed or timed-out model, hook or JS call (it
+    # doubles per attempt, up to 30 s).
+    retry_initial_interval: float = Field(1.0, alias="CHAINLOOM_RETRY_INITIAL_INTERVAL")
+    # A chain run's workflow task lost with its worker is handed out again after this long.
+    workflow_task_timeout: float = Field(5.0, alias="CHAINLOOM_WORKFLOW_TASK_TIMEOUT")
+    # A workflow task waits this long for the worker that has the run cached (its sticky
+    # queue) before any worker may take it.
+    sticky_timeout: float = Field(2.0, alias="CHAINLOOM_STICKY_TIMEOUT")
+    # On SIGTERM/SIGINT a worker takes no new tasks and gives running activities this long to
+    # finish (they keep heartbeating); what is still running then is retried elsewhere.
+    shutdown_grace: float = Field(30.0, alias="CHAINLOOM_WORKER_SHUTDOWN_GRACE")
     # Chain limits (docs/chains.md, "Limits"): the bytes a template may render (and the size
     # of any value it builds), the operations one render may do (loop iterations, calls, text
     # handled), the bytes of a task's output, and of a run's whole result, which must stay

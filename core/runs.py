@@ -72,6 +72,8 @@ def run_options(settings: Settings) -> RunOptions:
         steps_per_run=settings.chain_steps_per_run,
         value_limit=settings.chain_value_limit,
         output_max_bytes=settings.chain_output_max_bytes,
+        tool_heartbeat_timeout=settings.tool_heartbeat_timeout,
+        retry_initial_interval=settings.retry_initial_interval,
     )
 
 
@@ -150,6 +152,7 @@ async def start_chain_run(
             chain_id=chain.id,
             task_queue=settings.task_queue,
             summary=summary,
+            task_timeout=settings.workflow_task_timeout,
         )
     except WorkflowAlreadyStartedError:
         if not existing_ok:

@@ -7,10 +7,13 @@ Operations (operationId → tool name):
 - create_ticket: POST /tickets with a JSON body (201).
 - flaky: POST /flaky answers the statuses queued in `plan` first, then 200.
 
-POST /webhook (not in the document) records webhook deliveries. Every request is recorded
-with its headers, query and body.
+POST /webhook (not in the document) records webhook deliveries; /slow/... (not in the
+document either, GET or POST) answers `{"object": "list", "data": []}` after `slow_seconds`,
+for heartbeat tests (a webhook, an httpFetch, or a backend's /v1/models under /slow/v1).
+Every request is recorded with its headers, query, body and arrival time.
 """
 
+import asyncio
 import json
 import socket
 import threading
@@ -41,6 +44,7 @@ class HookService:
         self.requests: list[dict[str, Any]] = []
         # Statuses /flaky answers before it succeeds, consumed one per call.
         self.plan: list[int] = []
+        self.slow_seconds = 2.0
         self.port = 0
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -53,6 +57,7 @@ class HookService:
     def reset(self) -> None:
         self.requests.clear()
         self.plan.clear()
+        self.slow_seconds = 2.0
 
     def calls(self, path: str) -> list[dict[str, Any]]:
         return [r for r in self.requests if r["path"] == path]
@@ -75,6 +80,7 @@ class HookService:
                     "query": dict(request.query_params),
                     "headers": {k.lower(): v for k, v in request.headers.items()},
                     "body": body,
+                    "at": time.time(),
                 }
             )
             return await call_next(request)
@@ -119,6 +125,11 @@ class HookService:
                     media_type="application/json",
                 )
             return Response('{"ok": true}', media_type="application/json")
+
+        @app.api_route("/slow/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
+        async def slow(rest: str) -> dict[str, Any]:
+            await asyncio.sleep(service.slow_seconds)
+            return {"object": "list", "data": []}
 
         @app.post("/webhook", include_in_schema=False)
         async def webhook(request: Request) -> dict[str, Any]:

@@ -114,6 +114,9 @@ class Stack:
             "CHAINLOOM_API_KEY": cls.API_KEY,
             "CHAINLOOM_TASK_QUEUE": "test-" + uuid.uuid4().hex[:12],
             "CHAINLOOM_LLM_HEARTBEAT_TIMEOUT": 5,
+            "CHAINLOOM_TOOL_HEARTBEAT_TIMEOUT": 5,
+            # A stack closing with a call in flight need not wait for it.
+            "CHAINLOOM_WORKER_SHUTDOWN_GRACE": 2,
             "CHAINLOOM_BACKEND_MODELS_TTL": 0,
             "CHAINLOOM_ROUTING_CACHE_SECONDS": 0,
             "CHAINLOOM_SECRET_KEY": cls.SECRET_KEY,

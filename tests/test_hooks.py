@@ -447,7 +447,8 @@ def test_hook_handler_with_templated_args_and_output_template(
     assert call["query"] == {"units": "metric"}
     assert call["headers"]["x-service-token"] == svc.token
     workflow_id = hstack.http.get(f"/runs/{resp.json()['id']}").json()["workflowId"]
-    assert call["headers"]["idempotency-key"] == f"{workflow_id}/lookup/1"
+    # <workflow id>/<task id>/<step>/<retry_on_failure attempt>
+    assert call["headers"]["idempotency-key"] == f"{workflow_id}/lookup/1/1"
 
 
 def test_a_4xx_fails_the_task_without_retries(hstack: Stack, svc: HookService) -> None:
@@ -485,7 +486,7 @@ def test_local_hooks_echo_print_webhook(hstack: Stack, svc: HookService) -> None
     assert resp.json()["output"] == {"received": True, "bytes": len('{"msg": "world"}')}
     (delivery,) = svc.calls("/webhook")
     assert delivery["method"] == "POST" and delivery["body"] == {"msg": "world"}
-    assert delivery["headers"]["idempotency-key"].endswith("/posted/3")
+    assert delivery["headers"]["idempotency-key"].endswith("/posted/3/1")
 
     payload = hook_task("posted", "webhook", url=f"{svc.url}/webhook", payload={"x": [1, 2]})
     assert run(hstack, [payload]).status_code == 200

@@ -82,6 +82,7 @@ class ChainWorkflow(ToolSteps):
         self._allowance: templating.Allowance | None = None
         self._allowance_at = -1
         self._store: RunStore | None = None
+        self._task_attempt = 1
 
     @workflow.query(name=PROGRESS_QUERY)
     def progress(self) -> dict[str, Any]:
@@ -183,6 +184,7 @@ class ChainWorkflow(ToolSteps):
             attempts = task.retry_on_failure + 1
             for attempt in range(1, attempts + 1):
                 unit["attempt"] = attempt
+                self._task_attempt = attempt
                 try:
                     outcome = await self._attempt(task, task_input, variables, previous)
                     break
@@ -368,7 +370,7 @@ class ChainWorkflow(ToolSteps):
             "start_to_close_timeout": timedelta(seconds=timeout),
             "heartbeat_timeout": timedelta(seconds=opts.llm_heartbeat_timeout),
             "retry_policy": RetryPolicy(
-                initial_interval=timedelta(seconds=1),
+                initial_interval=timedelta(seconds=opts.retry_initial_interval),
                 backoff_coefficient=2.0,
                 maximum_interval=timedelta(seconds=30),
                 maximum_attempts=opts.llm_max_attempts,

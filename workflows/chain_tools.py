@@ -34,8 +34,10 @@ with workflow.unsafe.imports_passed_through():
     )
 
 TOOL_TIMEOUT = 90.0
-# Patch id (docs/workflows.md): js.* tool calls used to go through hook_call.
+# Patch ids (docs/workflows.md): js.* tool calls used to go through hook_call; hook
+# idempotency keys name the retry_on_failure attempt (a task run again sends a new key).
 JS_TOOLS_DIRECT = "js-tools-direct"
+HOOK_KEY_ATTEMPT = "hook-key-attempt"
 
 
 class Outcome:
@@ -55,6 +57,8 @@ class ToolSteps:
     _params: ChainRunInput
     _chain: ChainDefinition
     _step: int
+    # The retry_on_failure attempt of the task running (from 1).
+    _task_attempt: int
 
     def _render(self, template: str, scope: dict[str, Any]) -> str:
         raise NotImplementedError
@@ -81,16 +85,30 @@ class ToolSteps:
             raise TaskFailure(failure_message(err)) from err
 
     def _tool_options(self, task: TaskDefinition) -> dict[str, Any]:
+        opts = self._params.options
         timeout = parse_duration(task.timeout) or TOOL_TIMEOUT
-        return {
+        options: dict[str, Any] = {
             "start_to_close_timeout": timedelta(seconds=timeout),
             "retry_policy": RetryPolicy(
-                initial_interval=timedelta(seconds=1),
+                initial_interval=timedelta(seconds=opts.retry_initial_interval),
                 maximum_interval=timedelta(seconds=30),
-                maximum_attempts=self._params.options.llm_max_attempts,
+                maximum_attempts=opts.llm_max_attempts,
                 non_retryable_error_types=[PERMANENT_TOOL_ERROR],
             ),
         }
+        if opts.tool_heartbeat_timeout > 0:
+            # Hook and JS activities beat while they wait, so a lost worker is noticed in
+            # seconds rather than at the start-to-close timeout.
+            options["heartbeat_timeout"] = timedelta(seconds=opts.tool_heartbeat_timeout)
+        return options
+
+    def _key(self, task: TaskDefinition) -> str:
+        """The idempotency key prefix of a hook call: stable across Temporal's retries of the
+        call, new for each retry_on_failure attempt (the task is meant to run again)."""
+        key = f"{workflow.info().workflow_id}/{task.id}/{self._step}"
+        if workflow.patched(HOOK_KEY_ATTEMPT):
+            key += f"/{self._task_attempt}"
+        return key
 
     async def _call_tool(
         self,
@@ -139,7 +157,7 @@ class ToolSteps:
             key: self._render(value, scope) if isinstance(value, str) else value
             for key, value in task.hook.args.items()
         }
-        key = f"{workflow.info().workflow_id}/{task.id}/{self._step}"
+        key = self._key(task)
         # A large result stays out of history unless output_template needs it here.
         store = None if task.output_template else self._slot()
         output = await self._call_tool(task, task.hook.name, task.hook.tool_name, args, key, store)
@@ -206,7 +224,7 @@ class ToolSteps:
                     raise TaskFailure(
                         f"tool call {name!r} has arguments that are not JSON"
                     ) from err
-            key = f"{workflow.info().workflow_id}/{task.id}/{self._step}/{call.get('id', name)}"
+            key = f"{self._key(task)}/{call.get('id', name)}"
             output = await self._call_tool(task, hook, tool, dict(args), key)
             messages.append(
                 {

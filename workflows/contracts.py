@@ -9,6 +9,7 @@ one door that also records the run).
 """
 
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
@@ -117,13 +118,18 @@ async def start_chain_workflow(
     chain_id: str,
     task_queue: str,
     summary: str = "",
+    task_timeout: float | None = None,
 ) -> WorkflowHandle[Any, Any]:
-    """Start ChainWorkflow with the id, search attributes and memo every chain run carries."""
+    """Start ChainWorkflow with the id, search attributes and memo every chain run carries.
+
+    `task_timeout`: how long a workflow task taken by a worker that then died stays lost
+    before it is handed out again (Temporal's default is 10 s)."""
     return await client.start_workflow(
         CHAIN_WORKFLOW,
         params,
         id=workflow_id,
         task_queue=task_queue,
+        task_timeout=timedelta(seconds=task_timeout) if task_timeout else None,
         search_attributes=search_attributes(tenant_id, "chain", chain_id),
         memo={RUN_ID_MEMO: run_id},
         static_summary=summary or f"chain {chain_id}",

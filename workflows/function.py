@@ -25,6 +25,9 @@ with workflow.unsafe.imports_passed_through():
 # Above the default wall time of a call (CHAINLOOM_JS_WALL_TIMEOUT, 60 s), which the
 # activity enforces itself; this only catches a worker that vanished mid-call.
 RUN_TIMEOUT = timedelta(seconds=150)
+# js_run beats while the script runs and while it waits on builtins, so a worker lost
+# mid-call is noticed after this long (timeouts are not part of what a replay compares).
+HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 
 
 @workflow.defn(name=FUNCTION_WORKFLOW)
@@ -39,6 +42,7 @@ class FunctionWorkflow:
                 params,
                 result_type=FunctionRunResult,
                 start_to_close_timeout=RUN_TIMEOUT,
+                heartbeat_timeout=HEARTBEAT_TIMEOUT,
                 retry_policy=RetryPolicy(
                     initial_interval=timedelta(seconds=1),
                     maximum_interval=timedelta(seconds=30),

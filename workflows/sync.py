@@ -14,6 +14,9 @@ with workflow.unsafe.imports_passed_through():
     from workflows.contracts import STATE_SYNC_WORKFLOW, SYNC_BACKENDS
 
 
+HEARTBEAT_TIMEOUT = timedelta(seconds=10)
+
+
 @workflow.defn(name=STATE_SYNC_WORKFLOW)
 class StateSyncWorkflow:
     @workflow.run
@@ -21,6 +24,9 @@ class StateSyncWorkflow:
         result: dict[str, Any] = await workflow.execute_activity(
             SYNC_BACKENDS,
             start_to_close_timeout=timedelta(minutes=5),
+            # The activity beats while it waits on backends: a lost worker's pass is retried
+            # in seconds (timeouts are not part of what a replay compares).
+            heartbeat_timeout=HEARTBEAT_TIMEOUT,
             retry_policy=RetryPolicy(maximum_attempts=2),
         )
         return result

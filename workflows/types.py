@@ -26,6 +26,11 @@ class RunOptions:
     steps_per_run: int = 1000
     value_limit: int = 64 * 1024
     output_max_bytes: int = 16 << 20
+    # The defaults of fields added later are what runs started before them did, so a run
+    # recorded then still issues the same commands: no heartbeat timeout on hook and JS
+    # calls, a 1 s first retry interval.
+    tool_heartbeat_timeout: float = 0.0
+    retry_initial_interval: float = 1.0
 
 
 @dataclass
