@@ -17,6 +17,7 @@ from activities.sync import SyncActivities
 from core.backends.providers import ProviderClients
 from core.config import Settings, get_settings
 from core.db import Database
+from core.events.outbox import TriggerDispatcher
 from core.schedules import ensure_state_sync
 from core.secrets import SecretBox
 from core.temporal import connect, ensure_search_attributes
@@ -104,9 +105,14 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     worker = build_worker(client, settings, db)
+    # Every worker also sweeps the trigger outbox, so starts owed by an API process that died
+    # are made even when no API process is left (core/events/outbox.py).
+    triggers = TriggerDispatcher(db, client, settings)
+    triggers.start()
     log.info("worker polling task queue %r on %s", settings.task_queue, settings.temporal_address)
     async with worker:
         await stop.wait()
+    await triggers.stop()
     db.dispose()
 
 

@@ -16,6 +16,7 @@ from temporalio.client import Client
 from api.errors import APIError, not_found
 from core.config import Settings
 from core.db import Database
+from core.events.outbox import TriggerDispatcher
 from core.identity.credentials import (
     TokenClaims,
     TokenError,
@@ -85,6 +86,8 @@ class AppState:
     tokens: Tokens
     limiter: RateLimiter
     usage: UsageMeter
+    # Starts trigger workflows after appends and sweeps the outbox (core/events/outbox.py).
+    triggers: TriggerDispatcher
     started: float = field(default_factory=time.time)
 
 
