@@ -128,18 +128,23 @@ def remove(db: Database, owed: list[OwedStart]) -> None:
         conn.execute(statement, rows)
 
 
-def record_failure(db: Database, owed: OwedStart, attempts: int, due: datetime, error: str) -> None:
+def record_failures(db: Database, failures: list[tuple[OwedStart, int, datetime, str]]) -> None:
+    """(entry, attempts so far, next due time, error) for each failed start, in one go."""
     statement = (
         update(_OUTBOX)
         .where(
-            _OUTBOX.c.tenant_id == owed.tenant_id,
-            _OUTBOX.c.event_nid == owed.event_nid,
-            _OUTBOX.c.trigger_name == owed.trigger,
+            _OUTBOX.c.tenant_id == bindparam("t"),
+            _OUTBOX.c.event_nid == bindparam("n"),
+            _OUTBOX.c.trigger_name == bindparam("g"),
         )
-        .values(attempts=attempts, due_at=due, last_error=error[:2000])
+        .values(attempts=bindparam("a"), due_at=bindparam("d"), last_error=bindparam("e"))
     )
+    rows = [
+        {"t": o.tenant_id, "n": o.event_nid, "g": o.trigger, "a": a, "d": due, "e": error[:2000]}
+        for o, a, due, error in failures
+    ]
     with db.engine.begin() as conn:
-        conn.execute(statement)
+        conn.execute(statement, rows)
 
 
 # --- the dispatcher --------------------------------------------------------------------------
@@ -196,8 +201,10 @@ class TriggerDispatcher(Flusher):
                 await asyncio.to_thread(remove, self.db, gone)
                 outcomes += [Outcome(entry, "event_deleted") for entry in gone]
             owed = [entry for entry in claimed if _key(entry) in events]
-            outcomes += await self._start(owed, events)
-            if len(claimed) < limit:
+            batch = await self._start(owed, events)
+            outcomes += batch
+            if len(claimed) < limit or all(o.status == "failed" for o in batch):
+                # Temporal is down: the rest waits for its backoff, not for this sweep.
                 break
         return outcomes
 
@@ -234,26 +241,35 @@ class TriggerDispatcher(Flusher):
         done = [o.owed for o in outcomes if o.status != "failed"]
         if done:
             await asyncio.to_thread(remove, self.db, done)
-        for outcome in outcomes:
-            if outcome.status == "failed":
-                await self._failed(outcome, events[_key(outcome.owed)])
+        failed = [o for o in outcomes if o.status == "failed"]
+        if failed:
+            await self._failed(failed, events)
         return outcomes
 
-    async def _failed(self, outcome: Outcome, event: dict[str, Any]) -> None:
-        owed, attempts = outcome.owed, outcome.owed.attempts + 1
-        delay = retry_delay(attempts)
-        log.warning(
-            "trigger %r could not start function %r for event %s (attempt %d; next in %.0f s): %s",
-            owed.trigger,
-            owed.function,
-            event["id"],
-            attempts,
-            delay.total_seconds(),
-            outcome.error,
-        )
-        message = f"could not start function {owed.function!r}: {outcome.error}"
-        await asyncio.to_thread(record_failure, self.db, owed, attempts, utcnow() + delay, message)
-        if attempts == REPORT_AFTER:
+    async def _failed(
+        self, failed: list[Outcome], events: dict[tuple[str, int], dict[str, Any]]
+    ) -> None:
+        now, updates = utcnow(), []
+        for outcome in failed:
+            owed, attempts = outcome.owed, outcome.owed.attempts + 1
+            delay = retry_delay(attempts)
+            log.warning(
+                "trigger %r could not start function %r for event %s (attempt %d; next in "
+                "%.0f s): %s",
+                owed.trigger,
+                owed.function,
+                events[_key(owed)]["id"],
+                attempts,
+                delay.total_seconds(),
+                outcome.error,
+            )
+            message = f"could not start function {owed.function!r}: {outcome.error}"
+            updates.append((owed, attempts, now + delay, message))
+        await asyncio.to_thread(record_failures, self.db, updates)
+        for owed, attempts, _, message in updates:
+            if attempts != REPORT_AFTER:
+                continue
+            event = events[_key(owed)]
             record = trigger_event(
                 DISPATCH_FAILED,
                 owed.trigger,
