@@ -22,7 +22,14 @@ from core.db import Database
 from core.events import store
 from core.events.outbox import REPORT_AFTER, TriggerDispatcher
 from core.events.triggers import DISPATCH_FAILED
-from core.models import EventTriggerRow, FunctionRow, TriggerOutboxRow, utcnow
+from core.models import (
+    EventTriggerRow,
+    FunctionRow,
+    TriggerOutboxRow,
+    as_utc,
+    rfc3339,
+    utcnow,
+)
 from core.temporal import connect, ensure_search_attributes
 from tests.stack import Stack
 from tests.test_ops import wait_for
@@ -117,10 +124,12 @@ def test_an_entry_left_by_a_dead_process_is_started_by_a_sweeper(
     marker, tenant = uniq("ran"), stack.settings.default_tenant
     kind = function_and_trigger(stack, marker)
     # As a process that died right after its commit leaves it: the event and the start it
-    # owes are stored, and no dispatcher started anything.
-    event, _ = store.append_event(db, tenant, {"event_type": kind})
+    # owes are stored, and no dispatcher started anything. (A created_at from the client's
+    # clock, nine minutes back, has no say in the lease.)
+    written = rfc3339(utcnow() - timedelta(minutes=9))
+    event, _ = store.append_event(db, tenant, {"event_type": kind, "created_at": written})
     [entry] = owed(db, tenant, event["nid"])
-    assert entry.attempts == 0
+    assert entry.attempts == 0 and as_utc(entry.due_at) > utcnow()
     # Leased to the appending process: sweeps pass it by until the lease ends.
     time.sleep(2.5)
     assert [e.attempts for e in owed(db, tenant, event["nid"])] == [0]

@@ -319,7 +319,7 @@ WITH seq AS (
 ), owed AS (
     INSERT INTO trigger_outbox (tenant_id, event_nid, trigger_name, function_name, depth,
                                 attempts, due_at, last_error, created_at)
-    SELECT t.tenant_id, ev.nid, t.name, t.function_name, :depth, 0, :due_at, '', :created_at
+    SELECT t.tenant_id, ev.nid, t.name, t.function_name, :depth, 0, :due_at, '', :now
     FROM ev JOIN event_trigger t
       ON t.tenant_id = CAST(:tenant_id AS VARCHAR) AND t.listen_for_type = :event_type
     WHERE CAST(:fire AS BOOLEAN)
@@ -331,13 +331,16 @@ SELECT ev.nid, owed.trigger_name, owed.function_name FROM ev LEFT JOIN owed ON t
 
 
 def _append_postgresql(db: Database, values: dict[str, Any], fire: bool, depth: int) -> Appended:
+    now = utcnow()
     params = {
         **values,
         "data": json.dumps(values["data"]),
         "metadata": json.dumps(values["metadata"]),
         "depth": depth,
         "fire": fire,
-        "due_at": values["created_at"] + START_LEASE,
+        # Server time: created_at may be the client's, up to ten minutes off.
+        "now": now,
+        "due_at": now + START_LEASE,
     }
     with db.engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -367,7 +370,7 @@ def _triggers_on(tenant_id: str, event_type: str) -> Any:
 
 def _append_portable(db: Database, values: dict[str, Any], fire: bool, depth: int) -> Appended:
     """The same as _append_postgresql in a few statements (SQLite: no writes in a WITH)."""
-    tenant_id, due = values["tenant_id"], values["created_at"] + START_LEASE
+    tenant_id, now = values["tenant_id"], utcnow()
     with db.engine.begin() as conn:
         nid = _insert(conn, values)
         rows: list[Any] = []
@@ -394,9 +397,9 @@ def _append_portable(db: Database, values: dict[str, Any], fire: bool, depth: in
                         triggers.c.function_name,
                         literal(depth),
                         literal(0),
-                        literal(due, _TIME),
+                        literal(now + START_LEASE, _TIME),
                         literal(""),
-                        literal(values["created_at"], _TIME),
+                        literal(now, _TIME),
                     ),
                 )
                 .returning(_OUTBOX.c.trigger_name, _OUTBOX.c.function_name)
