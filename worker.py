@@ -20,6 +20,7 @@ from chains.engine import TaskFailure
 from core.backends.providers import ProviderClients
 from core.config import Settings, get_settings
 from core.db import Database
+from core.events.outbox import TriggerDispatcher
 from core.sandbox.pool import QUEUE_PER_HOST
 from core.schedules import ensure_state_sync
 from core.secrets import SecretBox
@@ -140,6 +141,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     worker = build_worker(client, settings, db)
+    # Every worker also sweeps the trigger outbox, so starts owed by an API process that died
+    # are made even when no API process is left (core/events/outbox.py).
+    triggers = TriggerDispatcher(db, client, settings)
+    triggers.start()
     async with worker:
         log.info(
             "worker polling task queue %r on %s", settings.task_queue, settings.temporal_address
@@ -149,6 +154,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             "worker stopping: no new tasks; running activities get up to %.0f s",
             settings.shutdown_grace,
         )
+    await triggers.stop()
     log.info("worker stopped")
     db.dispose()
 

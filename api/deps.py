@@ -17,6 +17,7 @@ from api import proxies
 from api.errors import APIError, not_found
 from core.config import Settings
 from core.db import Database
+from core.events.outbox import TriggerDispatcher
 from core.identity.credentials import (
     TokenClaims,
     TokenError,
@@ -86,6 +87,8 @@ class AppState:
     tokens: Tokens
     limiter: RateLimiter
     usage: UsageMeter
+    # Starts trigger workflows after appends and sweeps the outbox (core/events/outbox.py).
+    triggers: TriggerDispatcher
     started: float = field(default_factory=time.time)
 
 

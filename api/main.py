@@ -37,6 +37,7 @@ from api.routes import usage as usage_routes
 from core.config import Settings, get_settings
 from core.db import Database
 from core.events.dispatch import wait_for_background_dispatches
+from core.events.outbox import TriggerDispatcher
 from core.identity.credentials import Tokens
 from core.metering.ratelimit import RateLimiter
 from core.metering.request_log import RequestLog
@@ -59,22 +60,22 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         secret = settings.jwt_secret.encode() or SecretBox.from_settings(settings).derive("jwt")
         tokens = Tokens(secret, settings.access_token_ttl, settings.refresh_token_ttl)
         usage = UsageMeter(db, settings)
+        holder = TemporalHolder(settings, temporal)
+        triggers = TriggerDispatcher(db, holder.get, settings)
         app.state.chainloom = AppState(
-            settings,
-            db,
-            TemporalHolder(settings, temporal),
-            tokens,
-            RateLimiter(settings),
-            usage,
+            settings, db, holder, tokens, RateLimiter(settings), usage, triggers
         )
         app.state.request_log = request_log = RequestLog(db, settings.request_log_days)
         usage.start()
         request_log.start()
+        triggers.start()
         yield
         await request_log.stop()
         await usage.stop()
-        # Trigger dispatches still starting workflows for appends already answered.
+        # Trigger dispatches still starting workflows for appends already answered; what is
+        # left after the grace stays in the outbox for another process's sweeper.
         await wait_for_background_dispatches()
+        await triggers.stop()
         clients = getattr(app.state, "probe_clients", None)
         if clients is not None:
             await clients.close()

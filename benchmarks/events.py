@@ -9,9 +9,13 @@ end (nothing is written to the repository):
 2. Time every query the API runs (the same ``core.events.store`` functions the routes call, so the
    figures include SQLAlchemy and JSON shaping): median and p90 of R rounds after 2 warm-up
    rounds, and ``EXPLAIN (ANALYZE, BUFFERS)`` of the exact SQL, to show which index serves it.
-3. Append throughput into the 1M-row table: sequential, 4 threads of one tenant (appends of
-   a tenant take turns, see ``core.events._serialise_appends``) and 4 threads of 4 tenants.
-   SQLite (a temporary file) for comparison.
+3. Append throughput into the 1M-row table: sequential, sequential into a type that has a
+   trigger (each append also writes a trigger-outbox entry), 4 threads of one tenant (appends
+   of a tenant take turns, see ``core.events.store.next_nid``) and 4 threads of 4 tenants.
+   SQLite (a temporary file) for comparison. With ``--baseline REV`` the same appends are also
+   measured with the code of git revision REV (exported to a temporary directory, run in a
+   process of its own against a scratch database loaded the same way), alternating rounds of
+   before and after, so both sides see the same machine at the same time.
 4. Append -> trigger: an event whose type has a trigger, appended with
    ``append_and_dispatch``; time until the FunctionWorkflow start is acknowledged by Temporal
    (the dev server with raised poll rates), the API's return time (background dispatch), and a
@@ -20,6 +24,7 @@ end (nothing is written to the repository):
 Run it without pytest::
 
     python -m benchmarks.events [--events 1000000] [--rounds 20] [--json results.json]
+                                [--baseline REV [--compare-rounds 5]] [--appends-only]
 
 ``make bench`` runs it as ``tests/test_events.py::test_event_store_benchmark``.
 """
@@ -32,6 +37,7 @@ import os
 import random
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -61,8 +67,10 @@ from core.events.queries import (
     events_by_source,
     events_by_type,
     latest_nid,
+    latest_nid_statement,
 )
 from core.events.store import append_event
+from core.events.triggers import trigger_workflow_id
 from core.models import EventRow, EventTriggerRow, FunctionRow
 from core.temporal import connect, ensure_search_attributes
 from workflows.types import FunctionRunInput
@@ -99,7 +107,8 @@ def _dsn(url: str) -> str:
 
 
 def load_events(url: str, count: int, seed: int = 7) -> dict[str, float]:
-    """COPY `count` events in; nid order follows created_at as it does in real life."""
+    """COPY `count` events in; nid order follows created_at as it does in real life, and each
+    tenant's nids count on their own (core.events.store.next_nid), as appends number them."""
     rng = random.Random(seed)
     weights = [1 / (i + 1) for i in range(len(TYPES))]
     types = rng.choices(TYPES, weights, k=count)
@@ -107,17 +116,21 @@ def load_events(url: str, count: int, seed: int = 7) -> dict[str, float]:
     start, step = end - SPAN, SPAN / count
     began = time.perf_counter()
     columns = (
-        "id, tenant_id, event_type, event_source, aggregate_type, aggregate_id, version, "
+        "tenant_id, nid, id, event_type, event_source, aggregate_type, aggregate_id, version, "
         "data, metadata, created_at"
     )
+    nids: dict[str, int] = {}
     with psycopg.connect(_dsn(url)) as conn:
         with conn.cursor() as cur, cur.copy(f"COPY event ({columns}) FROM STDIN") as copy:
             for i in range(count):
                 aggregate = rng.randrange(AGGREGATES)
+                tenant = "other" if i % 10 == 9 else TENANT
+                nids[tenant] = nids.get(tenant, 0) + 1
                 copy.write_row(
                     (
+                        tenant,
+                        nids[tenant],
                         str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-                        "other" if i % 10 == 9 else TENANT,
                         types[i],
                         SOURCES[rng.randrange(len(SOURCES))],
                         AGGREGATE_TYPES[aggregate % len(AGGREGATE_TYPES)],
@@ -128,6 +141,11 @@ def load_events(url: str, count: int, seed: int = 7) -> dict[str, float]:
                         start + step * i,
                     )
                 )
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO event_sequence (tenant_id, name, last_nid) VALUES (%s, 'event', %s)",
+                list(nids.items()),
+            )
         conn.commit()
     loaded = time.perf_counter() - began
     with psycopg.connect(_dsn(url), autocommit=True) as conn:
@@ -186,7 +204,7 @@ def uses_index(plan: str) -> bool:
 def bench_queries(db: Database, rounds: int) -> dict[str, dict[str, Any]]:
     now = datetime.now(UTC)
     hour_ago_10d = now - timedelta(days=10)
-    newest = latest_nid(db)
+    newest = latest_nid(db, TENANT)
     tail = newest - 2000
     cases: list[tuple[str, Callable[[int], Any], Any, dict[str, Any] | None]] = [
         (
@@ -258,8 +276,8 @@ def bench_queries(db: Database, rounds: int) -> dict[str, dict[str, Any]]:
         ),
         (
             "stream start (max nid)",
-            lambda _: [latest_nid(db)],
-            _max_nid_statement(),
+            lambda _: [latest_nid(db, TENANT)],
+            latest_nid_statement(TENANT),
             None,
         ),
         (
@@ -290,14 +308,9 @@ def bench_queries(db: Database, rounds: int) -> dict[str, dict[str, Any]]:
     return results
 
 
-def _max_nid_statement() -> Any:
-    from sqlalchemy import func
-    from sqlmodel import select
-
-    return select(func.max(EventRow.nid))
-
-
-def bench_appends(db: Database, total: int, threads: int, tenants: int) -> dict[str, Any]:
+def bench_appends(
+    db: Database, total: int, threads: int, tenants: int, event_type: str = "bench.append"
+) -> dict[str, Any]:
     per = total // threads
     errors: list[BaseException] = []
 
@@ -308,7 +321,7 @@ def bench_appends(db: Database, total: int, threads: int, tenants: int) -> dict[
                     db,
                     f"bench-{k % tenants}" if tenants > 1 else TENANT,
                     {
-                        "event_type": "bench.append",
+                        "event_type": event_type,
                         "event_source": "bench",
                         "aggregate_type": "bench",
                         "aggregate_id": f"{k}-{i}",
@@ -404,15 +417,15 @@ async def bench_triggers(url: str, temporal_address: str, rounds: int) -> dict[s
     burst_seconds = time.perf_counter() - began
 
     # Leave nothing running on a shared server.
-    from core.events.triggers import trigger_workflow_id
-
     with db.session() as session:
         from sqlmodel import col, select
 
         ids = session.exec(
             select(EventRow.id).where(col(EventRow.event_type) == TRIGGER_TYPE)
         ).all()
-    started += [trigger_workflow_id("bench_fn", event_id, "bench_trigger") for event_id in ids]
+    started += [
+        trigger_workflow_id(TENANT, "bench_fn", event_id, "bench_trigger") for event_id in ids
+    ]
     for chunk in range(0, len(started), 50):
         await asyncio.gather(
             *(
@@ -434,6 +447,113 @@ async def bench_triggers(url: str, temporal_address: str, rounds: int) -> dict[s
     }
 
 
+# --- before and after ----------------------------------------------------------------------
+
+# The appends compared with --baseline: name -> (events, threads, tenants).
+APPEND_CASES = {
+    "postgres, sequential": (2000, 1, 1),
+    "postgres, 4 threads, one tenant": (4000, 4, 1),
+    "postgres, 4 threads, 4 tenants": (4000, 4, 4),
+}
+OWED_TYPE = "bench.owed"
+
+# Runs in the exported baseline revision: loads its own scratch database with its own loader,
+# then measures bench_appends(*line) for each JSON line on stdin.
+_BASELINE_CHILD = """
+import json, sys
+from benchmarks.events import bench_appends, load_events, scratch_database
+from core.db import Database
+with scratch_database() as url:
+    db = Database(url)
+    db.migrate()
+    load_events(url, int(sys.argv[1]))
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(json.dumps(bench_appends(db, *json.loads(line))), flush=True)
+    db.dispose()
+"""
+
+
+@contextlib.contextmanager
+def baseline_process(rev: str, events: int) -> Iterator[subprocess.Popen[str]]:
+    """The append benchmark of git revision `rev`, in a process of its own."""
+    repo = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="chainloom-baseline-") as tmp:
+        archive = subprocess.run(
+            ["git", "-C", str(repo), "archive", rev], check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _BASELINE_CHILD, str(events)],
+            cwd=tmp,
+            env={**os.environ, "PYTHONPATH": tmp},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"the benchmark of {rev} did not start")
+            yield proc
+        finally:
+            proc.stdin.close()
+            proc.wait(120)
+
+
+def compare_appends(db: Database, rev: str, events: int, rounds: int) -> dict[str, Any]:
+    """Appends with `rev`'s code and with this tree's, in alternating rounds."""
+    samples: dict[str, dict[str, list[int]]] = {
+        name: {"before": [], "after": []} for name in APPEND_CASES
+    }
+    print(f"appends, {rev} (before) against this tree (after), {rounds} alternating rounds:")
+    with baseline_process(rev, events) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        for number in range(rounds):
+            for name, case in APPEND_CASES.items():
+                order = ["before", "after"] if number % 2 == 0 else ["after", "before"]
+                for side in order:
+                    if side == "before":
+                        proc.stdin.write(json.dumps(case) + "\n")
+                        proc.stdin.flush()
+                        row = json.loads(proc.stdout.readline())
+                    else:
+                        row = bench_appends(db, *case)
+                    samples[name][side].append(row["events_per_second"])
+                print(f"  round {number + 1}, {name}: {samples[name]}")
+    return {
+        name: {
+            "before_median": round(statistics.median(sides["before"])),
+            "after_median": round(statistics.median(sides["after"])),
+            # Each round's two sides ran back to back, so their ratio is steadier than either
+            # figure on a shared machine.
+            "ratio_median": round(
+                statistics.median(
+                    a / b for a, b in zip(sides["after"], sides["before"], strict=True)
+                ),
+                2,
+            ),
+            **sides,
+        }
+        for name, sides in samples.items()
+    }
+
+
+def _owing_trigger(db: Database) -> None:
+    """A trigger on OWED_TYPE, so appends of that type each write an outbox entry."""
+    with db.session() as session:
+        session.add(FunctionRow(tenant_id=TENANT, name="owed_fn", script="function main(){}"))
+        session.add(
+            EventTriggerRow(
+                tenant_id=TENANT,
+                name="owed_trigger",
+                listen_for_type=OWED_TYPE,
+                function_name="owed_fn",
+            )
+        )
+        session.commit()
+
+
 # --- the run -------------------------------------------------------------------------------
 
 
@@ -443,6 +563,9 @@ def run(
     temporal_address: str | None = None,
     json_path: Path | None = None,
     triggers: bool = True,
+    baseline: str | None = None,
+    compare_rounds: int = 5,
+    queries: bool = True,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}"}
     with scratch_database() as url:
@@ -451,11 +574,16 @@ def run(
         print(f"loading {events:,} events ...")
         results["load"] = load_events(url, events)
         print(f"  {results['load']}")
-        print("queries:")
-        results["queries"] = bench_queries(db, rounds)
+        if queries:
+            print("queries:")
+            results["queries"] = bench_queries(db, rounds)
         print("appends:")
+        _owing_trigger(db)
         results["appends"] = {
             "postgres, sequential": bench_appends(db, 2000, 1, 1),
+            "postgres, sequential, type with a trigger (+ outbox entry)": bench_appends(
+                db, 2000, 1, 1, OWED_TYPE
+            ),
             "postgres, 4 threads, one tenant": bench_appends(db, 4000, 4, 1),
             "postgres, 4 threads, 4 tenants": bench_appends(db, 4000, 4, 4),
         }
@@ -467,6 +595,9 @@ def run(
             lite.dispose()
         for name, row in results["appends"].items():
             print(f"  {name}: {row['events_per_second']} events/s")
+        if baseline:
+            results["baseline"] = baseline
+            results["appends_compared"] = compare_appends(db, baseline, events, compare_rounds)
         if triggers:
             print("append -> trigger:")
             proc = None
@@ -494,7 +625,7 @@ def report(results: dict[str, Any]) -> str:
         "| query | median ms | p90 ms | in the database ms | rows | index |",
         "|---|---|---|---|---|---|",
     ]
-    for name, row in results["queries"].items():
+    for name, row in results.get("queries", {}).items():
         index = _index_names(row["plan"])
         lines.append(
             f"| {name} | {row['median_ms']} | {row['p90_ms']} | {row['database_ms']} "
@@ -503,6 +634,18 @@ def report(results: dict[str, Any]) -> str:
     lines += ["", "| appends | events/s | mean ms per append (per thread) |", "|---|---|---|"]
     for name, row in results["appends"].items():
         lines.append(f"| {name} | {row['events_per_second']} | {row['mean_ms']} |")
+    if "appends_compared" in results:
+        lines += [
+            "",
+            f"| appends, events/s (median of rounds) | before ({results['baseline']}) | after "
+            "| after/before (median of rounds) | rounds before | rounds after |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, row in results["appends_compared"].items():
+            lines.append(
+                f"| {name} | {row['before_median']} | {row['after_median']} "
+                f"| {row['ratio_median']} | {row['before']} | {row['after']} |"
+            )
     if "triggers" in results:
         lines += ["", json.dumps(results["triggers"], indent=2)]
     return "\n".join(lines)
@@ -527,8 +670,27 @@ def main() -> None:
     parser.add_argument("--temporal", default=None, help="address of a running Temporal")
     parser.add_argument("--no-triggers", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="REV",
+        help="also measure appends with the code of this git revision, alternating rounds",
+    )
+    parser.add_argument("--compare-rounds", type=int, default=5)
+    parser.add_argument(
+        "--appends-only", action="store_true", help="skip the queries and the trigger part"
+    )
     args = parser.parse_args()
-    run(args.events, args.rounds, args.temporal, args.json, not args.no_triggers)
+    run(
+        args.events,
+        args.rounds,
+        args.temporal,
+        args.json,
+        not args.no_triggers and not args.appends_only,
+        args.baseline,
+        args.compare_rounds,
+        not args.appends_only,
+    )
 
 
 if __name__ == "__main__":

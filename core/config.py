@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     # Events: a trigger chain deeper than this (a function whose sendEvent fires its own
     # trigger, directly or in a cycle) is stopped with a chainloom.trigger.depth_exceeded event.
     trigger_max_depth: int = Field(8, alias="CHAINLOOM_TRIGGER_MAX_DEPTH")
+    # How often each API process and worker looks for trigger starts that failed or were left
+    # by a process that died (the trigger outbox); 0 turns its sweeper off.
+    trigger_sweep_interval: float = Field(1.0, alias="CHAINLOOM_TRIGGER_SWEEP_INTERVAL")
     # How often /events/stream polls the database; API and workers are separate processes.
     event_poll_interval: float = Field(0.25, alias="CHAINLOOM_EVENT_POLL_INTERVAL")
 

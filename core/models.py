@@ -167,10 +167,6 @@ class BackendStateRow(SQLModel, table=True):
     )
 
 
-# An INTEGER PRIMARY KEY is what autoincrements in SQLite; BIGINT elsewhere.
-_BigId = BigInteger().with_variant(Integer(), "sqlite")
-
-
 class RemoteHookRow(SQLModel, table=True):
     """A remote service whose OpenAPI operations become tools (seed 003 RemoteHook)."""
 
@@ -226,10 +222,16 @@ class EventTriggerRow(SQLModel, table=True):
 
 
 class EventRow(SQLModel, table=True):
-    """The event store (seed 003 eventstore.Event); indexes serve each query route."""
+    """The event store (seed 003 eventstore.Event); indexes serve each query route.
+
+    Ids and nids belong to the tenant: two tenants may use the same event id, and a tenant's
+    nids are numbered by its own counter (EventSequenceRow), so they say nothing about other
+    tenants' traffic.
+    """
 
     __tablename__ = "event"
     __table_args__ = (
+        UniqueConstraint("tenant_id", "id", name="uq_event_tenant_id"),
         Index("ix_event_type_time", "tenant_id", "event_type", "created_at"),
         Index("ix_event_source_time", "tenant_id", "event_source", "created_at"),
         Index(
@@ -238,11 +240,11 @@ class EventRow(SQLModel, table=True):
         Index("ix_event_time", "tenant_id", "created_at"),
     )
 
+    tenant_id: str = Field(primary_key=True, max_length=64)
     nid: int | None = Field(
-        default=None, sa_column=Column(_BigId, primary_key=True, autoincrement=True)
+        default=None, sa_column=Column(BigInteger, primary_key=True, autoincrement=False)
     )
-    id: str = Field(default_factory=new_id, max_length=64, unique=True)
-    tenant_id: str = Field(max_length=64)
+    id: str = Field(default_factory=new_id, max_length=64)
     event_type: str = Field(max_length=200)
     event_source: str = Field(default="", max_length=200)
     aggregate_type: str = Field(default="", max_length=200)
@@ -254,20 +256,60 @@ class EventRow(SQLModel, table=True):
 
 
 class RawEventRow(SQLModel, table=True):
-    """Raw payloads received on /ingest before mapping (seed 003 eventstore.RawEvent)."""
+    """Raw payloads received on /ingest before mapping (seed 003 eventstore.RawEvent); ids and
+    nids per tenant, as for events."""
 
     __tablename__ = "raw_event"
-    __table_args__ = (Index("ix_raw_event_time", "tenant_id", "received_at"),)
-
-    nid: int | None = Field(
-        default=None, sa_column=Column(_BigId, primary_key=True, autoincrement=True)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "id", name="uq_raw_event_tenant_id"),
+        Index("ix_raw_event_time", "tenant_id", "received_at"),
     )
-    id: str = Field(default_factory=new_id, max_length=64, unique=True)
-    tenant_id: str = Field(max_length=64)
+
+    tenant_id: str = Field(primary_key=True, max_length=64)
+    nid: int | None = Field(
+        default=None, sa_column=Column(BigInteger, primary_key=True, autoincrement=False)
+    )
+    id: str = Field(default_factory=new_id, max_length=64)
     path: str = Field(max_length=400)
     headers: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     payload: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
     received_at: datetime = _ts()
+
+
+class EventSequenceRow(SQLModel, table=True):
+    """The last nid a tenant was given, per numbered table ("event", "raw_event").
+
+    Appending bumps the counter row and holds its lock until the commit, so a tenant's appends
+    take turns and its nid order is commit order (what /events/stream resumes by). A nid is
+    never given twice, even after its event was deleted.
+    """
+
+    __tablename__ = "event_sequence"
+
+    tenant_id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=32)
+    last_nid: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class TriggerOutboxRow(SQLModel, table=True):
+    """A trigger workflow start an appended event owes, written in the append's transaction
+    and removed once Temporal has the workflow (docs/events.md, "The trigger outbox")."""
+
+    __tablename__ = "trigger_outbox"
+    __table_args__ = (Index("ix_trigger_outbox_due", "due_at"),)
+
+    tenant_id: str = Field(primary_key=True, max_length=64)
+    event_nid: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    trigger_name: str = Field(primary_key=True, max_length=200)
+    function_name: str = Field(max_length=200)
+    depth: int = Field(default=0, sa_column=Column(Integer, nullable=False))
+    # Failed starts so far; the entry is retried with backoff until one succeeds.
+    attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False))
+    # When a sweeper may (next) try it. An entry being started is leased: due_at lies a
+    # START lease ahead, so only a dead or stuck process's entries come due again.
+    due_at: datetime = _ts()
+    last_error: str = Field(default="", max_length=2000)
+    created_at: datetime = _ts()
 
 
 class EventMappingRow(SQLModel, table=True):

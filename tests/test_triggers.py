@@ -1,7 +1,7 @@
 """/event-triggers over real HTTP (CRUD, validation) and trigger dispatch: an appended event
-starts its triggers' FunctionWorkflows, a too-deep chain is cut with a recorded error, and a
-dispatch that cannot reach Temporal is recorded too. The function itself running is covered by
-tests/test_triggers_e2e.py."""
+starts its triggers' FunctionWorkflows (once, however often it is dispatched) and a too-deep
+chain is cut with a recorded error. The function itself running is covered by
+tests/test_triggers_e2e.py, retries and the outbox by tests/test_outbox.py."""
 
 import asyncio
 import contextlib
@@ -14,12 +14,11 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from core.db import Database
-from core.events.store import append_event
+from core.events.outbox import TriggerDispatcher
 from core.events.triggers import (
     DEPTH_EXCEEDED,
-    DISPATCH_FAILED,
     FUNCTION_WORKFLOW,
-    dispatch_triggers,
+    OwedStart,
     trigger_workflow_id,
 )
 from core.models import FunctionRow
@@ -223,7 +222,8 @@ async def test_append_starts_the_trigger_workflow(stack: Stack) -> None:
     event = resp.json()
     assert answered < 2.0, answered  # the append does not wait for anything but the commit
 
-    workflow_id = trigger_workflow_id(fn, event["id"], trigger["name"])
+    tenant = stack.settings.default_tenant
+    workflow_id = trigger_workflow_id(tenant, fn, event["id"], trigger["name"])
     assert workflow_id.startswith(f"fn-{fn}-")
     desc, params = await _started_input(client, workflow_id)
     try:
@@ -238,15 +238,16 @@ async def test_append_starts_the_trigger_workflow(stack: Stack) -> None:
     finally:
         await _terminate(client, workflow_id)
 
-    # dispatching the same event again (a retried activity) starts nothing new
+    # starting the same owed start again (a retry, a second sweeper) starts nothing new
     db = _db(stack)
     try:
-        again = await dispatch_triggers(
-            client, stack.settings, db, stack.settings.default_tenant, event, 0
-        )
+        owed = OwedStart(tenant, event["nid"], trigger["name"], fn, 0)
+        again = await TriggerDispatcher(db, client, stack.settings).start_owed(event, [owed])
     finally:
         db.dispose()
-    assert again == []
+    assert [(o.status, o.workflow_id) for o in again] == [("already_started", workflow_id)]
+    # the same event id in another tenant is another workflow
+    assert trigger_workflow_id("other", fn, event["id"], trigger["name"]) != workflow_id
 
 
 def _db(stack: Stack) -> Database:
@@ -272,7 +273,7 @@ async def test_depth_limit_records_an_error_instead_of_starting(stack: Stack) ->
     client = await _temporal(stack)
     with contextlib.suppress(RPCError):
         await client.get_workflow_handle(
-            trigger_workflow_id(fn, event["id"], trigger["name"])
+            trigger_workflow_id(stack.settings.default_tenant, fn, event["id"], trigger["name"])
         ).describe()
         raise AssertionError("a workflow was started past the depth limit")
 
@@ -282,33 +283,9 @@ async def test_depth_limit_records_an_error_instead_of_starting(stack: Stack) ->
         "/events",
         json={"event_type": kind, "metadata": {"chainloom_depth": limit - 1}},
     )
-    workflow_id = trigger_workflow_id(fn, below.json()["id"], trigger["name"])
+    workflow_id = trigger_workflow_id(
+        stack.settings.default_tenant, fn, below.json()["id"], trigger["name"]
+    )
     _, params = await _started_input(client, workflow_id)
     assert params.depth == limit - 1
     await _terminate(client, workflow_id)
-
-
-async def test_unreachable_temporal_is_recorded(stack: Stack) -> None:
-    fn, kind = make_function(stack), uniq("lost")
-    trigger = make_trigger(stack, fn, kind)
-    db = _db(stack)
-    tenant = stack.settings.default_tenant
-
-    async def down() -> Client:
-        raise RuntimeError("cannot reach Temporal at nowhere:7233")
-
-    try:
-        event, _ = await asyncio.to_thread(append_event, db, tenant, {"event_type": kind})
-        started = await dispatch_triggers(down, stack.settings, db, tenant, event, 0)
-        assert started == []
-        failure = await asyncio.to_thread(wait_for_event, stack, DISPATCH_FAILED, event["id"])
-        assert failure["data"]["trigger"] == trigger["name"]
-        assert "cannot reach Temporal" in failure["data"]["error"]
-        # a recorded failure never fires triggers itself, even one listening for it
-        make_trigger(stack, fn, DISPATCH_FAILED)
-        again = await dispatch_triggers(down, stack.settings, db, tenant, failure, 0)
-        assert again == []
-    finally:
-        for t in stack.http.get(f"/event-triggers/event-type/{DISPATCH_FAILED}").json():
-            stack.http.delete(f"/event-triggers/{t['name']}")
-        db.dispose()

@@ -2,7 +2,7 @@
 
 The logic lives in core/events/store.py (shared with the JS ``sendEvent`` builtin on workers); the
 routes translate HTTP to it. Appends answer right after the commit: trigger functions are
-started in the background (core/events/triggers.py).
+started in the background (core/events/outbox.py).
 """
 
 import asyncio
@@ -104,7 +104,7 @@ async def append_event(body: EventIn, state: StateDep, principal: PrincipalDep) 
     with event_errors():
         return await dispatch.append_and_dispatch(
             state.db,
-            state.temporal.get,
+            state.triggers,
             state.settings,
             principal.tenant_id,
             event,
@@ -276,7 +276,7 @@ async def stream_events(
     if after is None:
         # Fixed before the answer starts, so whatever is appended once the client sees the
         # response headers is on the stream.
-        after = await asyncio.to_thread(queries.latest_nid, state.db)
+        after = await asyncio.to_thread(queries.latest_nid, state.db, principal.tenant_id)
     db, tenant, interval = state.db, principal.tenant_id, state.settings.event_poll_interval
 
     async def messages() -> AsyncIterator[ServerSentEvent]:
@@ -369,7 +369,7 @@ async def ingest(
     with event_errors():
         return await raw.ingest(
             state.db,
-            state.temporal.get,
+            state.triggers,
             state.settings,
             principal.tenant_id,
             path,
@@ -460,7 +460,7 @@ async def replay(
     with event_errors():
         return await raw.replay(
             state.db,
-            state.temporal.get,
+            state.triggers,
             state.settings,
             principal.tenant_id,
             queries.required(nid, "nid"),

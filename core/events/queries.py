@@ -221,17 +221,22 @@ def delete_events_by_type(
 # --- live tail -------------------------------------------------------------------------------
 
 
-def latest_nid(db: Database) -> int:
-    """Where a new stream starts: after every event stored so far (one primary-key probe)."""
+def latest_nid_statement(tenant_id: str) -> SelectOfScalar[Any]:
+    return select(func.max(EventRow.nid)).where(EventRow.tenant_id == tenant_id)
+
+
+def latest_nid(db: Database, tenant_id: str) -> int:
+    """Where a new stream starts: after every event of the tenant stored so far (one probe of
+    the primary key, which leads with the tenant)."""
     with db.session() as session:
-        value = session.exec(select(func.max(EventRow.nid))).one()
+        value = session.exec(latest_nid_statement(tenant_id)).one()
     return int(value or 0)
 
 
 def events_after(
     db: Database, tenant_id: str, event_type: str, after_nid: int, limit: int = 200
 ) -> list[dict[str, Any]]:
-    """Events of a type with nid > after_nid, oldest first."""
+    """A tenant's events of a type with nid > after_nid, oldest first."""
     with db.session() as session:
         rows = session.exec(events_after_statement(tenant_id, event_type, after_nid, limit)).all()
     return [event_json(row) for row in rows]
@@ -240,8 +245,8 @@ def events_after(
 def events_after_statement(
     tenant_id: str, event_type: str, after_nid: int, limit: int = 200
 ) -> SelectOfScalar[EventRow]:
-    # Streams sit at the tail, so this walks the primary key from after_nid: it reads only
-    # what was appended since the last poll, whatever the size of the table.
+    # Streams sit at the tail, so this walks the primary key (tenant_id, nid) from after_nid: it
+    # reads only what the tenant appended since the last poll, whatever the size of the table.
     return (
         select(EventRow)
         .where(

@@ -4,6 +4,7 @@ import asyncio
 import json
 from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
@@ -11,18 +12,21 @@ from core.config import Settings
 from core.db import Database
 from core.events.dispatch import append_and_dispatch
 from core.events.mappings import MAPPINGS, MappingConfig, apply_mapping, load_mapping
+from core.events.outbox import TriggerDispatcher
 from core.events.queries import required
 from core.events.store import (
     _SECRET_HEADERS,
     MAX_NID,
-    ClientSource,
+    RAW_EVENT_SEQUENCE,
     EventError,
     _text_field,
     json_value,
+    next_nid,
     parse_limit,
     parse_time,
     time_range,
 )
+from core.events.triggers import ClientSource
 from core.models import RawEventRow, as_utc, new_id, rfc3339, utcnow
 
 # --- raw events ------------------------------------------------------------------------------
@@ -74,14 +78,16 @@ def store_raw_event(db: Database, tenant_id: str, raw: dict[str, Any]) -> dict[s
         payload=payload,
         received_at=parse_time(raw.get("received_at"), "received_at") or utcnow(),
     )
-    with db.session() as session:
-        session.add(row)
-        try:
-            session.commit()
-        except IntegrityError as err:
-            raise EventError(
-                409, "raw_event_exists", f"a raw event with id {row.id!r} already exists"
-            ) from err
+    values = row.model_dump()
+    try:
+        with db.engine.begin() as conn:
+            # Numbered per tenant, like events (core/events/store.next_nid).
+            row.nid = values["nid"] = next_nid(conn, tenant_id, RAW_EVENT_SEQUENCE)
+            conn.execute(insert(RawEventRow.__table__).values(**values))  # type: ignore[attr-defined]
+    except IntegrityError as err:
+        raise EventError(
+            409, "raw_event_exists", f"a raw event with id {row.id!r} already exists"
+        ) from err
     return raw_json(row)
 
 
@@ -115,10 +121,9 @@ def get_raw_event(
     number = _parse_nid(nid)
     lo, hi = time_range(start, end)
     with db.session() as session:
-        row = session.get(RawEventRow, number)
+        row = session.get(RawEventRow, (tenant_id, number))
     if (
         row is None
-        or row.tenant_id != tenant_id
         or (lo is not None and as_utc(row.received_at) < lo)
         or (hi is not None and as_utc(row.received_at) > hi)
     ):
@@ -131,7 +136,7 @@ def get_raw_event(
 
 async def ingest(
     db: Database,
-    client: ClientSource,
+    client: ClientSource | TriggerDispatcher,
     settings: Settings,
     tenant_id: str,
     path: str | None,
@@ -161,7 +166,7 @@ async def ingest(
 
 async def replay(
     db: Database,
-    client: ClientSource,
+    client: ClientSource | TriggerDispatcher,
     settings: Settings,
     tenant_id: str,
     nid: Any,
@@ -184,7 +189,7 @@ async def replay(
 
 async def _emit(
     db: Database,
-    client: ClientSource,
+    client: ClientSource | TriggerDispatcher,
     settings: Settings,
     tenant_id: str,
     config: MappingConfig,

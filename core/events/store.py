@@ -9,17 +9,24 @@ which events that may fire triggers come in (POST /events, /ingest, /replay and 
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import BigInteger, Connection, DateTime, insert, literal, select, text
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
-from temporalio.client import Client
+from sqlmodel import col
+from sqlmodel import select as select_rows
 
+from core.config import Settings
 from core.db import Database
-from core.models import EventRow, new_id, rfc3339, utcnow
+from core.events.triggers import (
+    START_LEASE,
+    SYSTEM_EVENT_TYPES,
+    OwedStart,
+    depth_exceeded_event,
+)
+from core.models import EventRow, EventTriggerRow, TriggerOutboxRow, new_id, rfc3339, utcnow
 
 log = logging.getLogger("chainloom.events")
 
@@ -37,10 +44,10 @@ MAX_NID = 2**63 - 1
 MAPPING_CACHE_TTL = 30.0
 # Headers that carry credentials are never stored with a raw event.
 _SECRET_HEADERS = {"authorization", "proxy-authorization", "x-api-key", "cookie"}
+# The trigger depth limit when the caller passes none (CHAINLOOM_TRIGGER_MAX_DEPTH's default).
+DEFAULT_MAX_DEPTH: int = Settings.model_fields["trigger_max_depth"].default
 # Go's zero time, which contenox clients send for "not set".
 _ZERO_TIME = datetime(1, 1, 1, tzinfo=UTC)
-
-ClientSource = Client | Callable[[], Awaitable[Client]]
 
 
 class EventError(Exception):
@@ -169,10 +176,10 @@ def depth_of(event: dict[str, Any]) -> int:
     return 0
 
 
-def new_event_row(
+def event_values(
     tenant_id: str, event: dict[str, Any], depth: int = 0, now: datetime | None = None
-) -> EventRow:
-    """Validate an event as appended (seed 003 eventstore.Event) and build its row."""
+) -> dict[str, Any]:
+    """Validate an event as appended (seed 003 eventstore.Event): its column values, no nid."""
     if not isinstance(event, dict):
         raise EventError(422, "invalid_event", "an event must be a JSON object")
     now = now or utcnow()
@@ -205,18 +212,18 @@ def new_event_row(
         )
     metadata = dict(json_value(event.get("metadata"), "metadata", object_only=True))
     metadata[DEPTH_KEY] = depth
-    return EventRow(
-        id=event_id,
-        tenant_id=tenant_id,
-        event_type=event_type,
-        event_source=_text_field(event, "event_source", 200),
-        aggregate_type=_text_field(event, "aggregate_type", 200),
-        aggregate_id=_text_field(event, "aggregate_id", 200),
-        version=version,
-        data=json_value(event.get("data"), "data"),
-        metadata_=metadata,
-        created_at=created,
-    )
+    return {
+        "tenant_id": tenant_id,
+        "id": event_id,
+        "event_type": event_type,
+        "event_source": _text_field(event, "event_source", 200),
+        "aggregate_type": _text_field(event, "aggregate_type", 200),
+        "aggregate_id": _text_field(event, "aggregate_id", 200),
+        "version": version,
+        "data": json_value(event.get("data"), "data"),
+        "metadata": metadata,
+        "created_at": created,
+    }
 
 
 def event_json(row: EventRow) -> dict[str, Any]:
@@ -234,41 +241,223 @@ def event_json(row: EventRow) -> dict[str, Any]:
     }
 
 
+def _stored_json(values: dict[str, Any], nid: int) -> dict[str, Any]:
+    """What event_json answers for the row these column values made."""
+    return {
+        "id": values["id"],
+        "nid": nid,
+        "event_type": values["event_type"],
+        "event_source": values["event_source"],
+        "aggregate_type": values["aggregate_type"],
+        "aggregate_id": values["aggregate_id"],
+        "version": values["version"],
+        "data": values["data"] if values["data"] is not None else {},
+        "metadata": values["metadata"],
+        "created_at": rfc3339(values["created_at"]),
+    }
+
+
 # --- append ----------------------------------------------------------------------------------
 
+EVENT_SEQUENCE = "event"
+RAW_EVENT_SEQUENCE = "raw_event"
+_EVENT = EventRow.__table__  # type: ignore[attr-defined]
+_OUTBOX = TriggerOutboxRow.__table__  # type: ignore[attr-defined]
+_TRIGGER = EventTriggerRow.__table__  # type: ignore[attr-defined]
+_TIME = DateTime(timezone=True)
 
-def _serialise_appends(session: Session, tenant_id: str) -> None:
-    """On PostgreSQL, appends of one tenant take turns (transaction-scoped advisory lock).
+_NEXT_NID = text(
+    "INSERT INTO event_sequence (tenant_id, name, last_nid) VALUES (:tenant, :name, 1) "
+    "ON CONFLICT (tenant_id, name) DO UPDATE SET last_nid = event_sequence.last_nid + 1 "
+    "RETURNING last_nid"
+)
 
-    The sequence hands out nids at insert time, so two concurrent transactions could commit
-    nid 11 before nid 10; a stream that had sent 11 would then never send 10. Taking turns
-    makes nid order commit order, which is what lets /events/stream resume by nid alone.
-    SQLite has a single writer, so it needs nothing.
+
+@dataclass
+class Appended:
+    """An append's outcome: the stored event, whether it is new, and the trigger starts it
+    owes (recorded in the trigger outbox in the same transaction)."""
+
+    event: dict[str, Any]
+    created: bool
+    owed: list[OwedStart] = field(default_factory=list)
+
+
+def next_nid(conn: Connection, tenant_id: str, name: str) -> int:
+    """The tenant's next nid for `name` (EVENT_SEQUENCE or RAW_EVENT_SEQUENCE).
+
+    Each tenant counts on its own row, so the nids a tenant sees say nothing about anyone
+    else's traffic. The row stays locked until the transaction ends: a tenant's appends take
+    turns, and a nid is visible only once every smaller nid of the tenant is, which is what
+    lets /events/stream resume by nid alone (two concurrent transactions could otherwise commit
+    nid 11 before nid 10, and a stream that had sent 11 would never send 10). SQLite has a
+    single writer anyway.
     """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(
-            text("SELECT pg_advisory_xact_lock(724062, hashtext(:tenant))"), {"tenant": tenant_id}
-        )
+    return int(conn.execute(_NEXT_NID, {"tenant": tenant_id, "name": name}).scalar_one())
 
 
-def insert_event(
-    db: Database, row: EventRow, *, existing_ok: bool = False
-) -> tuple[EventRow, bool]:
-    """Store a validated event; (row, True) when new, (stored row, False) for a known id."""
+# PostgreSQL: the whole append is one statement in autocommit, so one round trip: bump the
+# tenant's counter (which also makes the tenant's appends take turns, see next_nid), insert
+# the event, and record a start in the outbox for every trigger on its type. The triggers are
+# read in the same statement, so a trigger committed before the append is never missed and no
+# cache can go stale.
+_APPEND_POSTGRESQL = text(
+    """
+WITH seq AS (
+    INSERT INTO event_sequence (tenant_id, name, last_nid)
+    VALUES (CAST(:tenant_id AS VARCHAR), 'event', 1)
+    ON CONFLICT (tenant_id, name) DO UPDATE SET last_nid = event_sequence.last_nid + 1
+    RETURNING last_nid
+), ev AS (
+    INSERT INTO event (tenant_id, nid, id, event_type, event_source, aggregate_type,
+                       aggregate_id, version, data, metadata, created_at)
+    SELECT CAST(:tenant_id AS VARCHAR), seq.last_nid, :id, :event_type, :event_source,
+           :aggregate_type, :aggregate_id, :version, CAST(:data AS JSON),
+           CAST(:metadata AS JSON), :created_at
+    FROM seq
+    RETURNING nid
+), owed AS (
+    INSERT INTO trigger_outbox (tenant_id, event_nid, trigger_name, function_name, depth,
+                                attempts, due_at, last_error, created_at)
+    SELECT t.tenant_id, ev.nid, t.name, t.function_name, :depth, 0, :due_at, '', :now
+    FROM ev JOIN event_trigger t
+      ON t.tenant_id = CAST(:tenant_id AS VARCHAR) AND t.listen_for_type = :event_type
+    WHERE CAST(:fire AS BOOLEAN)
+    RETURNING trigger_name, function_name
+)
+SELECT ev.nid, owed.trigger_name, owed.function_name FROM ev LEFT JOIN owed ON true
+"""
+)
+
+
+def _append_postgresql(db: Database, values: dict[str, Any], fire: bool, depth: int) -> Appended:
+    now = utcnow()
+    params = {
+        **values,
+        "data": json.dumps(values["data"]),
+        "metadata": json.dumps(values["metadata"]),
+        "depth": depth,
+        "fire": fire,
+        # Server time: created_at may be the client's, up to ten minutes off.
+        "now": now,
+        "due_at": now + START_LEASE,
+    }
+    with db.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        rows = conn.execute(_APPEND_POSTGRESQL, params).all()
+    nid = int(rows[0][0])
+    owed = [
+        OwedStart(values["tenant_id"], nid, trigger, function, depth)
+        for _, trigger, function in rows
+        if trigger is not None
+    ]
+    return Appended(_stored_json(values, nid), True, owed)
+
+
+def _insert(conn: Connection, values: dict[str, Any]) -> int:
+    nid = next_nid(conn, values["tenant_id"], EVENT_SEQUENCE)
+    conn.execute(insert(_EVENT).values(nid=nid, **values))
+    return nid
+
+
+def _triggers_on(tenant_id: str, event_type: str) -> Any:
+    return (
+        select(_TRIGGER.c.name, _TRIGGER.c.function_name)
+        .where(_TRIGGER.c.tenant_id == tenant_id, _TRIGGER.c.listen_for_type == event_type)
+        .order_by(_TRIGGER.c.created_at)
+    )
+
+
+def _append_portable(db: Database, values: dict[str, Any], fire: bool, depth: int) -> Appended:
+    """The same as _append_postgresql in a few statements (SQLite: no writes in a WITH)."""
+    tenant_id, now = values["tenant_id"], utcnow()
+    with db.engine.begin() as conn:
+        nid = _insert(conn, values)
+        rows: list[Any] = []
+        if fire:
+            triggers = _triggers_on(tenant_id, values["event_type"]).subquery()
+            owe = (
+                insert(_OUTBOX)
+                .from_select(
+                    [
+                        "tenant_id",
+                        "event_nid",
+                        "trigger_name",
+                        "function_name",
+                        "depth",
+                        "attempts",
+                        "due_at",
+                        "last_error",
+                        "created_at",
+                    ],
+                    select(
+                        literal(tenant_id),
+                        literal(nid, BigInteger()),
+                        triggers.c.name,
+                        triggers.c.function_name,
+                        literal(depth),
+                        literal(0),
+                        literal(now + START_LEASE, _TIME),
+                        literal(""),
+                        literal(now, _TIME),
+                    ),
+                )
+                .returning(_OUTBOX.c.trigger_name, _OUTBOX.c.function_name)
+            )
+            rows = list(conn.execute(owe).all())
+    owed = [OwedStart(tenant_id, nid, trigger, function, depth) for trigger, function in rows]
+    return Appended(_stored_json(values, nid), True, owed)
+
+
+def _append_cut(db: Database, values: dict[str, Any], depth: int, max_depth: int) -> Appended:
+    """An event past the depth limit: stored with, in the same transaction, one
+    chainloom.trigger.depth_exceeded event per trigger it would have started."""
+    tenant_id = values["tenant_id"]
+    with db.engine.begin() as conn:
+        nid = _insert(conn, values)
+        stored = _stored_json(values, nid)
+        for trigger, function in conn.execute(_triggers_on(tenant_id, values["event_type"])):
+            record = depth_exceeded_event(trigger, function, stored, depth, max_depth)
+            _insert(conn, event_values(tenant_id, record, depth))
+    return Appended(stored, True)
+
+
+def find_event(db: Database, tenant_id: str, event_id: str) -> dict[str, Any] | None:
+    query = select_rows(EventRow).where(
+        col(EventRow.tenant_id) == tenant_id, col(EventRow.id) == event_id
+    )
     with db.session() as session:
-        _serialise_appends(session, row.tenant_id)
-        session.add(row)
-        try:
-            session.commit()
-            return row, True
-        except IntegrityError as err:
-            session.rollback()
-            existing = session.exec(select(EventRow).where(EventRow.id == row.id)).first()
-            if existing_ok and existing is not None and existing.tenant_id == row.tenant_id:
-                return existing, False
+        row = session.exec(query).first()
+    return event_json(row) if row is not None else None
+
+
+def append(
+    db: Database,
+    tenant_id: str,
+    event: dict[str, Any],
+    depth: int = 0,
+    *,
+    existing_ok: bool = False,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+) -> Appended:
+    """Validate and store one event with the trigger starts it owes (blocking; the async
+    ``dispatch.append_and_dispatch`` also starts them). An id the tenant used before is a
+    409, or with ``existing_ok`` the stored event (created False, nothing owed)."""
+    values = event_values(tenant_id, event, depth)
+    fire = values["event_type"] not in SYSTEM_EVENT_TYPES
+    try:
+        if fire and depth >= max_depth:
+            return _append_cut(db, values, depth, max_depth)
+        if db.engine.dialect.name == "postgresql":
+            return _append_postgresql(db, values, fire, depth)
+        return _append_portable(db, values, fire, depth)
+    except IntegrityError as err:
+        existing = find_event(db, tenant_id, values["id"]) if existing_ok else None
+        if existing is None:
             raise EventError(
-                409, "event_exists", f"an event with id {row.id!r} already exists", param="id"
+                409, "event_exists", f"an event with id {values['id']!r} already exists", param="id"
             ) from err
+        return Appended(existing, False)
 
 
 def append_event(
@@ -279,22 +468,14 @@ def append_event(
     *,
     existing_ok: bool = False,
 ) -> tuple[dict[str, Any], bool]:
-    """Validate and store one event without dispatching triggers (blocking; see the async
-    ``append_and_dispatch``). Returns the stored event and whether it is new."""
-    row, created = insert_event(db, new_event_row(tenant_id, event, depth), existing_ok=existing_ok)
-    return event_json(row), created
+    """``append`` answering (stored event, created); starts it owes stay in the outbox for
+    a sweeper (core/events/outbox.py)."""
+    appended = append(db, tenant_id, event, depth, existing_ok=existing_ok)
+    return appended.event, appended.created
 
 
 def append_system_event(
-    db: Database, tenant_id: str, event_type: str, data: dict[str, Any], depth: int
+    db: Database, tenant_id: str, event: dict[str, Any], depth: int
 ) -> dict[str, Any]:
     """An event chainloom itself records (trigger errors); it never fires triggers."""
-    event = {
-        "event_type": event_type,
-        "event_source": "chainloom",
-        "aggregate_type": "event_trigger",
-        "aggregate_id": str(data.get("trigger", "")),
-        "data": data,
-    }
-    stored, _ = append_event(db, tenant_id, event, depth)
-    return stored
+    return append(db, tenant_id, event, depth).event

@@ -1,7 +1,7 @@
 """run status from temporal: the run table no longer copies a run's status
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-07 23:40:00.000000
 
 GET /runs and GET /runs/{id} read a run's status from Temporal; the status and finished_at
@@ -13,7 +13,7 @@ from alembic import op
 
 
 revision = '0006'
-down_revision = '0004'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
