@@ -20,13 +20,14 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -173,8 +174,12 @@ def test_the_parser_reads_fences_markers_and_languages(tmp_path: Path) -> None:
 PRELUDE = r"""
 set -o pipefail -o errtrace
 __docs_failed() {
-  printf "docs-paste: %s: command failed (exit %s): %s\n" "$DOCS_BLOCK" "$1" "$2" \
-    | tee -a "$DOCS_FAILURES" >&2
+  # `return N` is the curl wrapper's failure, which it has reported already.
+  case "$2" in
+    return\ *) ;;
+    *) printf "docs-paste: %s: command failed (exit %s): %s\n" "$DOCS_BLOCK" "$1" "$2" \
+         | tee -a "$DOCS_FAILURES" >&2 ;;
+  esac
   exit "$1"
 }
 trap '__docs_failed "$?" "$BASH_COMMAND"' ERR
@@ -239,23 +244,15 @@ class Dev:
     work: Path
 
 
-def _port_taken(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
 @pytest.fixture(scope="module")
 def model_server() -> Iterator[ScriptedLLM]:
-    if _port_taken(OLLAMA_PORT):
-        pytest.skip(f"port {OLLAMA_PORT} is taken (a real Ollama?): the docs' model server")
     server = ScriptedLLM(models=list(MODELS), port=OLLAMA_PORT)
     # What a real model would answer to the shipped sentiment-router's classify task.
-    server.reply("What is the sentiment", "positive")
-    server.start()
+    server.reply("sentiment", "positive")
+    try:
+        server.start()
+    except OSError as err:
+        pytest.skip(f"port {OLLAMA_PORT}, where the docs put Ollama, is taken: {err}")
     yield server
     server.stop()
 
@@ -315,32 +312,36 @@ def _wait_until_running(proc: subprocess.Popen[bytes], log: Path, timeout: float
     raise RuntimeError(f"chainloom dev did not start:\n{log.read_text()[-4000:]}")
 
 
-def page_script(page: Path, dev: Dev) -> tuple[str, list[Block]]:
-    runs = [b for b in shell_blocks(page) if b.skip is None]
+@dataclass
+class Session:
+    returncode: int
+    stdout: str
+    stderr: str
+    problems: str  # what the ERR trap and the curl wrapper recorded
+
+    @property
+    def transcript(self) -> str:
+        return f"--- stdout\n{self.stdout[-6000:]}\n--- stderr\n{self.stderr[-6000:]}"
+
+
+def run_session(
+    blocks: list[tuple[str, str]], work: Path, env: dict[str, str], timeout: float
+) -> Session:
+    """Run (name, commands) blocks in order in one bash, as pasted into one terminal."""
+    failures = work / "failures"
+    failures.write_text("")
     parts = [PRELUDE]
-    for block in runs:
-        source = dev.work / f"{page.stem}-{block.line}.sh"
-        source.write_text(rewrite(block.text, dev.port, dev.data_dir))
-        parts.append(f"DOCS_BLOCK={shlex.quote(block.where)}")
+    for n, (name, text) in enumerate(blocks):
+        source = work / f"block-{n}.sh"
+        source.write_text(text)
+        parts.append(f"DOCS_BLOCK={shlex.quote(name)}")
         parts.append('printf "docs-paste: === %s\\n" "$DOCS_BLOCK" >&2')
         parts.append(f"source {shlex.quote(str(source))}")
-    return "\n".join(parts) + "\n", runs
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_page_pastes(page: Path, dev: Dev) -> None:
-    failures = dev.work / f"{page.stem}.failures"
-    failures.write_text("")
-    script, runs = page_script(page, dev)
-    if not runs:
-        pytest.skip("no shell block to run on this page")
-    env = {**session_env(dev.port, dev.data_dir), "DOCS_FAILURES": str(failures)}
     # Its own process group, so a command that hangs is stopped with everything it started.
     proc = subprocess.Popen(
-        ["bash", "--noprofile", "--norc", "-c", script],
+        ["bash", "--noprofile", "--norc", "-c", "\n".join(parts) + "\n"],
         cwd=ROOT,
-        env=env,
+        env={**env, "DOCS_FAILURES": str(failures)},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -348,13 +349,83 @@ def test_page_pastes(page: Path, dev: Dev) -> None:
         start_new_session=True,
     )
     try:
-        stdout, stderr = proc.communicate(timeout=PAGE_TIMEOUT)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        pytest.fail(f"{shown(page)}: the session ran over {PAGE_TIMEOUT} s\n{stderr[-6000:]}")
-    problems = failures.read_text().strip()
-    transcript = f"--- stdout\n{stdout[-6000:]}\n--- stderr\n{stderr[-6000:]}"
-    assert proc.returncode == 0 and not problems, (
-        f"{shown(page)}: a pasted command failed\n{problems}\n{transcript}"
+        stderr += f"\ndocs-paste: the session ran over {timeout} s and was killed"
+        failures.write_text(failures.read_text() + f"the session ran over {timeout} s\n")
+    return Session(proc.returncode, stdout, stderr, failures.read_text().strip())
+
+
+class _Answers(BaseHTTPRequestHandler):
+    """/ok answers 200 with a token, /missing 404, anything else 422 (a body it cannot read)."""
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        status = 200 if self.path == "/ok" else 404 if self.path == "/missing" else 422
+        body = b'{"token": "t0k"}' if status == 200 else b'{"error": "no"}'
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "curl -s $URL/bad -d '{}'",
+        "TOKEN=$(curl -s $URL/bad | jq -r .token)",
+        "curl -s $URL/missing | jq .",
+        "curl -s $URL/missing || true",
+        "curl -s http://127.0.0.1:1/nothing-listens",
+        "false",
+        "echo ok | grep -q nothing",
+    ],
+)
+def test_the_session_fails_on_an_error_status_or_a_failing_command(
+    tmp_path: Path, command: str
+) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {**os.environ, "URL": f"http://127.0.0.1:{server.server_address[1]}"}
+        ok = run_session([("first", "TOKEN=$(curl -s $URL/ok | jq -r .token)")], tmp_path, env, 30)
+        assert ok.returncode == 0 and not ok.problems, ok.transcript
+        blocks = [
+            ("first", 'TOKEN=$(curl -s $URL/ok | jq -r .token)\ntest "$TOKEN" = t0k'),
+            ("second", command),
+            ("third", "echo never reached"),
+        ]
+        session = run_session(blocks, tmp_path, env, 30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    # The failure is recorded against its block even where the shell carries on (`|| true`).
+    assert "second" in session.problems and "first" not in session.problems, session.transcript
+    if "||" not in command:
+        assert session.returncode != 0 and "never reached" not in session.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_page_pastes(page: Path, dev: Dev) -> None:
+    runs = [b for b in shell_blocks(page) if b.skip is None]
+    if not runs:
+        pytest.skip("no shell block to run on this page")
+    work = dev.work / page.stem
+    work.mkdir(exist_ok=True)
+    blocks = [(b.where, rewrite(b.text, dev.port, dev.data_dir)) for b in runs]
+    session = run_session(blocks, work, session_env(dev.port, dev.data_dir), PAGE_TIMEOUT)
+    print(session.transcript)  # shown with -rP: what the reader would have seen
+    assert session.returncode == 0 and not session.problems, (
+        f"{shown(page)}: a pasted command failed\n{session.problems}\n{session.transcript}"
     )
