@@ -6,6 +6,8 @@ ones that move `make dev` to where this test started it: `localhost:8000` (and
 `127.0.0.1:8000`) become the test's API port and `.chainloom` its data directory; the CLI's
 own defaults for both (`CHAINLOOM_API_URL`, `CHAINLOOM_DATA_DIR`) point there too. A scripted
 model server (tests/scripted_llm.py) listens where the docs put Ollama, localhost:11434.
+`chainloom dev` runs with none of our CHAINLOOM_* settings, so its allowlists are the ones a
+reader gets (CHAINLOOM_BACKEND_ALLOWLIST: loopback; CHAINLOOM_OUTBOUND_ALLOWLIST: empty).
 
 A command fails the page when it exits non-zero, and every `curl` is checked for its HTTP
 status: 4xx and 5xx fail the page (a JSON body sent without `Content-Type: application/json`
@@ -419,6 +421,9 @@ def test_the_session_fails_on_an_error_status_or_a_failing_command(
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_page_pastes(page: Path, dev: Dev) -> None:
     runs = [b for b in shell_blocks(page) if b.skip is None]
+    for block in shell_blocks(page):
+        if block.skip is not None:
+            print(f"not run: {block.where}: {block.skip}")
     if not runs:
         pytest.skip("no shell block to run on this page")
     work = dev.work / page.stem
