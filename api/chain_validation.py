@@ -27,7 +27,3 @@ def validate_chain(data: Any) -> ChainDefinition:
             param=problems[0].pointer if problems else None,
             errors=errors,
         ) from err
-
-
-def chain_json(chain: ChainDefinition) -> dict[str, Any]:
-    return chain.model_dump(mode="json")

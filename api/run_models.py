@@ -5,52 +5,20 @@ generated client gets the fields the API really answers with. Field names follow
 (execapi_taskExecutionRequest, execapi_taskExecutionResponse, taskengine_CapturedStateUnit).
 """
 
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PlainSerializer,
-    SkipValidation,
-    WithJsonSchema,
-)
-from pydantic.alias_generators import to_camel
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation
 
 from api.errors import ErrorBody
+from api.schemas import Camel, Timestamp, absent_when_none
 from chains.spec import ChainDefinition
-from core.models import rfc3339
 
 RunStatus = Literal["running", "waiting", "completed", "failed", "cancelled"]
-
-# Stored times are UTC; the API writes them as RFC 3339 with a Z, like every other route.
-Timestamp = Annotated[
-    datetime,
-    PlainSerializer(rfc3339, return_type=str),
-    WithJsonSchema({"type": "string", "format": "date-time"}),
-]
-
-
-class _Camel(BaseModel):
-    # Keys with a default are still always sent: the document marks them required.
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        from_attributes=True,
-        json_schema_serialization_defaults_required=True,
-    )
-
-
-def _absent_when_none(description: str) -> Any:
-    """A key the state unit carries only for some handlers: left out, never null."""
-    return Field(None, description=description, exclude_if=lambda value: value is None)
-
 
 # --------------------------------------------------------------------------- requests
 
 
-class TaskExecutionRequest(_Camel):
+class TaskExecutionRequest(Camel):
     """seed 003 execapi_taskExecutionRequest, plus `chainId` to run a stored chain."""
 
     # Documented as a chain definition but checked by the chain loader (api/chain_validation),
@@ -63,7 +31,7 @@ class TaskExecutionRequest(_Camel):
     input_type: str = Field("string", description="What the input is, e.g. string or chat_history.")
 
 
-class ApprovalRequest(_Camel):
+class ApprovalRequest(Camel):
     approved: bool = True
     comment: str = ""
     payload: Any = Field(None, description="Anything the approval task should hand on.")
@@ -106,12 +74,12 @@ class CapturedStateUnit(BaseModel):
     transition: str | StoredValue
     duration: int = Field(description="In nanoseconds.")
     error: TaskError
-    attempt: int | None = _absent_when_none("Which try of retry_on_failure this was (from 1).")
+    attempt: int | None = absent_when_none("Which try of retry_on_failure this was (from 1).")
     started_at: str | None = Field(
         None, alias="startedAt", description="RFC 3339.", exclude_if=lambda v: v is None
     )
-    model: str | None = _absent_when_none("The model that answered (model tasks).")
-    backend: str | None = _absent_when_none("The backend that answered (model tasks).")
+    model: str | None = absent_when_none("The model that answered (model tasks).")
+    backend: str | None = absent_when_none("The backend that answered (model tasks).")
     input_tokens: int | None = Field(None, alias="inputTokens", exclude_if=lambda v: v is None)
     output_tokens: int | None = Field(None, alias="outputTokens", exclude_if=lambda v: v is None)
     failed_over: list[str] | None = Field(
@@ -123,8 +91,8 @@ class CapturedStateUnit(BaseModel):
     print_: str | None = Field(
         None, alias="print", description="The rendered `print`.", exclude_if=lambda v: v is None
     )
-    logs: list[str] | None = _absent_when_none("console output of a js task.")
-    debug: dict[str, Any] | None = _absent_when_none(
+    logs: list[str] | None = absent_when_none("console output of a js task.")
+    debug: dict[str, Any] | None = absent_when_none(
         "With `debug: true`: the rendered messages and the raw answer."
     )
 
@@ -132,7 +100,7 @@ class CapturedStateUnit(BaseModel):
 # --------------------------------------------------------------------------- responses
 
 
-class TaskExecutionResponse(_Camel):
+class TaskExecutionResponse(Camel):
     """seed 003 execapi_taskExecutionResponse, plus the run id."""
 
     id: str
@@ -141,7 +109,7 @@ class TaskExecutionResponse(_Camel):
     state: list[CapturedStateUnit]
 
 
-class RunCreated(_Camel):
+class RunCreated(Camel):
     """A run that was started: poll GET /runs/{id}."""
 
     id: str
@@ -171,7 +139,7 @@ class ApprovalConflict(ErrorBody):
     current_task: str | None = Field(None, alias="currentTask")
 
 
-class RunSummary(_Camel):
+class RunSummary(Camel):
     id: str
     workflow_id: str
     chain_id: str
@@ -187,7 +155,7 @@ class RunView(RunSummary):
     current_task: str | None = Field(None, description="The task the run is on, while it runs.")
 
 
-class ApprovalResult(_Camel):
+class ApprovalResult(Camel):
     """The decision the run's approval task received."""
 
     id: str = Field(description="The run.")
@@ -198,7 +166,7 @@ class ApprovalResult(_Camel):
     by: str = Field(description="Who decided (the API key or user id).")
 
 
-class RunCancelled(_Camel):
+class RunCancelled(Camel):
     id: str
     # "cancelled" once the run stopped (a run whose workflow task kept failing is terminated),
     # "cancelling" while it still winds down, else how it finished in the meantime.

@@ -6,7 +6,7 @@ very next request of that identity.
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import Literal, Self
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -24,8 +24,9 @@ from api.deps import (
     parse_cursor,
 )
 from api.errors import APIError
+from api.schemas import Camel, Timestamp
 from core.identity.permissions import LEVELS, RANK, RESOURCE_TYPES
-from core.models import AccessEntryRow, ApiKeyRow, MembershipRow, UserRow, rfc3339, utcnow
+from core.models import AccessEntryRow, ApiKeyRow, MembershipRow, UserRow, utcnow
 
 router = APIRouter(tags=["access-control"])
 
@@ -59,19 +60,48 @@ class AccessEntryIn(BaseModel):
         return value
 
 
-class AccessEntryOut(BaseModel):
+class UserIdentity(Camel):
+    id: str
+    email: str
+    friendly_name: str
+    role: str = Field(description="The user's role in the tenant.")
+
+
+class KeyIdentity(Camel):
+    id: str
+    name: str
+    prefix: str
+
+
+class GoneIdentity(Camel):
+    """The identity was deleted since: the entry is inert."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# What an entry's identity is: a user or an API key of the tenant, as the entry shows it.
+Identity = tuple[Literal["user", "key"], UserIdentity | KeyIdentity]
+
+
+class AccessEntryOut(Camel):
+    """seed 003 accessservice_AccessEntry."""
+
     id: str
     identity: str
-    identityType: str
+    identity_type: Literal["user", "key", "unknown"]
     resource: str
-    resourceType: str
+    resource_type: str
     permission: str
-    createdAt: str
-    updatedAt: str
-    identityDetails: dict[str, Any] | None = None
+    created_at: Timestamp
+    updated_at: Timestamp
+    identity_details: UserIdentity | KeyIdentity | GoneIdentity | None = Field(
+        description="The identity, with `expand=user` (and on create and update)."
+    )
 
-
-Identity = tuple[str, dict[str, Any]]  # ('user'|'key', details)
+    @classmethod
+    def of(cls, row: AccessEntryRow, expand: bool, identity: Identity | None) -> Self:
+        kind, details = identity or ("unknown", GoneIdentity())
+        return cls.from_row(row, identity_type=kind, identity_details=details if expand else None)
 
 
 def _identities(session: Session, tenant_id: str, ids: set[str]) -> dict[str, Identity]:
@@ -83,22 +113,14 @@ def _identities(session: Session, tenant_id: str, ids: set[str]) -> dict[str, Id
         .where(MembershipRow.tenant_id == tenant_id, col(MembershipRow.user_id).in_(ids))
     )
     for member, user in members:
-        found[user.id] = (
-            "user",
-            {
-                "id": user.id,
-                "email": user.email,
-                "friendlyName": user.friendly_name,
-                "role": member.role,
-            },
-        )
+        found[user.id] = ("user", UserIdentity.from_row(user, role=member.role))
     rest = ids - found.keys()
     if rest:
         keys = session.exec(
             select(ApiKeyRow).where(ApiKeyRow.tenant_id == tenant_id, col(ApiKeyRow.id).in_(rest))
         )
         for key in keys:
-            found[key.id] = "key", {"id": key.id, "name": key.name, "prefix": key.prefix}
+            found[key.id] = ("key", KeyIdentity.model_validate(key))
     return found
 
 
@@ -130,29 +152,13 @@ def _check_grantable(
         )
 
 
-def _entries_json(
+def _entries(
     session: Session, rows: Sequence[AccessEntryRow], expand: bool
-) -> list[dict[str, Any]]:
+) -> list[AccessEntryOut]:
     if not rows:
         return []
     found = _identities(session, rows[0].tenant_id, {row.identity for row in rows})
-    return [_entry_json(row, expand, found.get(row.identity)) for row in rows]
-
-
-def _entry_json(row: AccessEntryRow, expand: bool, identity: Identity | None) -> dict[str, Any]:
-    # No identity: it was deleted since, and the entry is inert.
-    kind, details = identity or ("unknown", {})
-    return {
-        "id": row.id,
-        "identity": row.identity,
-        "identityType": kind,
-        "resource": row.resource,
-        "resourceType": row.resource_type,
-        "permission": row.permission,
-        "createdAt": rfc3339(row.created_at),
-        "updatedAt": rfc3339(row.updated_at),
-        "identityDetails": details if expand else None,
-    }
+    return [AccessEntryOut.of(row, expand, found.get(row.identity)) for row in rows]
 
 
 def _expand(expand: str | None) -> bool:
@@ -175,12 +181,12 @@ async def list_entries(
     expand: str | None = None,
     from_: str | None = Query(None, alias="from", description="RFC 3339 createdAt cursor."),
     limit: str | None = None,
-) -> list[dict[str, Any]]:
+) -> list[AccessEntryOut]:
     with_details = _expand(expand)
     after = parse_cursor(from_)
     size = page_limit(limit)
 
-    def load() -> list[dict[str, Any]]:
+    def load() -> list[AccessEntryOut]:
         with state.db.session() as session:
             query = select(AccessEntryRow).where(AccessEntryRow.tenant_id == principal.tenant_id)
             if identity:
@@ -189,7 +195,7 @@ async def list_entries(
                 query = query.where(col(AccessEntryRow.created_at) > after)
             query = query.order_by(col(AccessEntryRow.created_at), col(AccessEntryRow.id))
             rows = session.exec(query.limit(size)).all()
-            return _entries_json(session, rows, with_details)
+            return _entries(session, rows, with_details)
 
     return await asyncio.to_thread(load)
 
@@ -202,8 +208,8 @@ async def list_entries(
 )
 async def create_entry(
     body: AccessEntryIn, state: StateDep, principal: PrincipalDep
-) -> dict[str, Any]:
-    def create() -> dict[str, Any]:
+) -> AccessEntryOut:
+    def create() -> AccessEntryOut:
         _check_grantable(state, principal, body.resource_type, body.resource, body.permission)
         with state.db.session() as session:
             identity = _identity_of(session, principal.tenant_id, body.identity)
@@ -224,7 +230,7 @@ async def create_entry(
                     f"{body.identity} already has an entry for {body.resource_type}/"
                     f"{body.resource}; update it with PUT /access-control/{{id}}",
                 ) from err
-            return _entry_json(row, True, identity)
+            return AccessEntryOut.of(row, True, identity)
 
     return await asyncio.to_thread(create)
 
@@ -236,13 +242,13 @@ async def create_entry(
 )
 async def get_entry(
     id: str, state: StateDep, principal: PrincipalDep, expand: str | None = None
-) -> dict[str, Any]:
+) -> AccessEntryOut:
     with_details = _expand(expand)
 
-    def load() -> dict[str, Any]:
+    def load() -> AccessEntryOut:
         with state.db.session() as session:
             row = owned(session, AccessEntryRow, id, principal.tenant_id, "access entry")
-            return _entries_json(session, [row], with_details)[0]
+            return _entries(session, [row], with_details)[0]
 
     return await asyncio.to_thread(load)
 
@@ -254,8 +260,8 @@ async def get_entry(
 )
 async def update_entry(
     id: str, body: AccessEntryIn, state: StateDep, principal: PrincipalDep
-) -> dict[str, Any]:
-    def update() -> dict[str, Any]:
+) -> AccessEntryOut:
+    def update() -> AccessEntryOut:
         with state.db.session() as session:
             row = owned(session, AccessEntryRow, id, principal.tenant_id, "access entry")
             # Rewriting an entry also undoes it where it was: the old place must be within
@@ -277,7 +283,7 @@ async def update_entry(
                 raise APIError(
                     409, "entry_exists", "another entry already covers that identity and resource"
                 ) from err
-            return _entry_json(row, True, identity)
+            return AccessEntryOut.of(row, True, identity)
 
     return await asyncio.to_thread(update)
 

@@ -9,39 +9,86 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Query
+from pydantic import Field, field_validator
 from sqlalchemy import func
 from sqlmodel import col, select
 
 from api.deps import PrincipalDep, StateDep, manages, page_limit, parse_cursor
 from api.errors import APIError, not_found
+from api.run_models import CapturedStateUnit, RunStatus
 from api.run_service import get_run_row, run_view
+from api.schemas import Camel, Timestamp
 from core.backends.providers import public_error
 from core.metering.request_log import MUTATING
-from core.models import BackendRow, BackendStateRow, RequestLogRow, as_utc, rfc3339
+from core.models import BackendRow, BackendStateRow, RequestLogRow
 
 router = APIRouter(tags=["activity"])
 
 _CURSOR = Query(None, description="The `at` (RFC 3339) of the last item seen.")
 
 
-def _view(row: RequestLogRow) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "at": rfc3339(row.at),
-        "method": row.method,
-        "path": row.path,
-        "route": row.route,
-        "status": row.status,
-        "durationMs": row.duration_ms,
-        "identity": row.identity,
-        "identityKind": row.identity_kind,
-        "operation": row.operation,
-        "subject": row.subject,
-        "subjectId": row.subject_id or None,
-        "runId": row.run_id,
-        "client": row.client,
-        "detail": row.detail or None,
-    }
+class AuditEntry(Camel):
+    """A change: who made it, to what, when and with what outcome."""
+
+    id: str
+    at: Timestamp
+    identity: str = Field(description="The user or API key id that made the request.")
+    identity_kind: str
+    method: str
+    path: str
+    operation: str = Field(description="create, update, delete, read, ...")
+    subject: str = Field(description="The resource type.")
+    subject_id: str | None
+    status: int
+    run_id: str | None
+    detail: str | None = Field(
+        description="What the change did to secrets: a backend approved, hook headers "
+        "dropped, a provider key bound."
+    )
+
+    @field_validator("subject_id", "detail", mode="before")
+    @classmethod
+    def _empty_as_null(cls, value: str | None) -> str | None:
+        return value or None
+
+
+class RequestOut(AuditEntry):
+    """One logged request."""
+
+    route: str = Field(description="The route template, e.g. /backends/{id}.")
+    duration_ms: float
+    client: str = Field(description="The client's address.")
+
+
+class RequestRunState(Camel):
+    request_id: str
+    run_id: str
+    chain_id: str
+    status: RunStatus
+    current_task: str | None
+    error: str | None
+    state: list[CapturedStateUnit]
+
+
+class OperationCount(Camel):
+    operation: str
+    subject: str
+    count: int
+    last_at: Timestamp
+
+
+class UnhealthyBackend(Camel):
+    backend_id: str
+    name: str | None = Field(description="null when the backend was deleted since.")
+    failures: int
+    last_error: str
+    down_until: Timestamp | None
+    checked_at: Timestamp | None
+
+
+class Alerts(Camel):
+    requests: list[RequestOut] = Field(description="Server errors and 429s, newest first.")
+    backends: list[UnhealthyBackend]
 
 
 def _status_filter(status: str | None) -> int | None:
@@ -64,15 +111,14 @@ def _page(
     *conditions: Any,
     limit: str | None,
     cursor: str | None,
-) -> list[dict[str, Any]]:
+) -> list[RequestLogRow]:
     before = parse_cursor(cursor)
     query = select(RequestLogRow).where(RequestLogRow.tenant_id == tenant_id, *conditions)
     if before is not None:
         query = query.where(col(RequestLogRow.at) < before)
     query = query.order_by(col(RequestLogRow.at).desc(), col(RequestLogRow.id).desc())
     with state.db.session() as session:
-        rows = session.exec(query.limit(page_limit(limit))).all()
-    return [_view(row) for row in rows]
+        return list(session.exec(query.limit(page_limit(limit))).all())
 
 
 def _entry(state: StateDep, tenant_id: str, ident: str) -> RequestLogRow:
@@ -96,7 +142,7 @@ async def list_requests(
     identity: str | None = None,
     limit: str | None = None,
     cursor: str | None = _CURSOR,
-) -> list[dict[str, Any]]:
+) -> list[RequestOut]:
     conditions: list[Any] = []
     if method:
         conditions.append(RequestLogRow.method == method.upper())
@@ -105,36 +151,39 @@ async def list_requests(
         conditions.append(RequestLogRow.status == code)
     if identity:
         conditions.append(RequestLogRow.identity == identity)
-    return await asyncio.to_thread(
+    rows = await asyncio.to_thread(
         _page, state, principal.tenant_id, *conditions, limit=limit, cursor=cursor
     )
+    return [RequestOut.model_validate(row) for row in rows]
 
 
 @router.get("/activity/requests/{id}", summary="One logged request.")
-async def get_request(id: str, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
-    return _view(await asyncio.to_thread(_entry, state, principal.tenant_id, id))
+async def get_request(id: str, state: StateDep, principal: PrincipalDep) -> RequestOut:
+    return RequestOut.model_validate(
+        await asyncio.to_thread(_entry, state, principal.tenant_id, id)
+    )
 
 
 @router.get(
     "/activity/requests/{id}/state",
     summary="The per-task state of the run a request started.",
 )
-async def request_state(id: str, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+async def request_state(id: str, state: StateDep, principal: PrincipalDep) -> RequestRunState:
     row = await asyncio.to_thread(_entry, state, principal.tenant_id, id)
     if not row.run_id:
         raise APIError(404, "not_found", f"request {id} started no run", param="id")
     run = await asyncio.to_thread(get_run_row, state, principal, row.run_id)
     client = await state.temporal.get()
-    view = (await run_view(state, client, run)).model_dump(mode="json", by_alias=True)
-    return {
-        "requestId": row.id,
-        "runId": run.id,
-        "chainId": run.chain_id,
-        "status": view["status"],
-        "currentTask": view["currentTask"],
-        "error": view["error"],
-        "state": view["state"],
-    }
+    view = await run_view(state, client, run)
+    return RequestRunState(
+        request_id=row.id,
+        run_id=run.id,
+        chain_id=run.chain_id,
+        status=view.status,
+        current_task=view.current_task,
+        error=view.error,
+        state=view.state,
+    )
 
 
 @router.get("/activity/stateful-requests", summary="Requests that started chain runs.")
@@ -143,8 +192,8 @@ async def stateful_requests(
     principal: PrincipalDep,
     limit: str | None = None,
     cursor: str | None = _CURSOR,
-) -> list[dict[str, Any]]:
-    return await asyncio.to_thread(
+) -> list[RequestOut]:
+    rows = await asyncio.to_thread(
         _page,
         state,
         principal.tenant_id,
@@ -152,12 +201,13 @@ async def stateful_requests(
         limit=limit,
         cursor=cursor,
     )
+    return [RequestOut.model_validate(row) for row in rows]
 
 
 @router.get(
     "/activity/operations", summary="Request counts per operation and subject, latest first."
 )
-async def operations(state: StateDep, principal: PrincipalDep) -> list[dict[str, Any]]:
+async def operations(state: StateDep, principal: PrincipalDep) -> list[OperationCount]:
     def load() -> list[Any]:
         last = func.max(RequestLogRow.at)
         query = (
@@ -171,15 +221,14 @@ async def operations(state: StateDep, principal: PrincipalDep) -> list[dict[str,
 
     rows = await asyncio.to_thread(load)
     return [
-        {"operation": op, "subject": subject, "count": count, "lastAt": _when(last)}
+        OperationCount(operation=op, subject=subject, count=count, last_at=_when(last))
         for op, subject, count, last in rows
     ]
 
 
-def _when(value: datetime | str) -> str:
+def _when(value: datetime | str) -> datetime:
     # SQLite hands aggregate datetimes back as text.
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return rfc3339(as_utc(moment))
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
 @router.get(
@@ -192,8 +241,8 @@ async def operation_requests(
     principal: PrincipalDep,
     limit: str | None = None,
     cursor: str | None = _CURSOR,
-) -> list[dict[str, Any]]:
-    return await asyncio.to_thread(
+) -> list[RequestOut]:
+    rows = await asyncio.to_thread(
         _page,
         state,
         principal.tenant_id,
@@ -202,15 +251,14 @@ async def operation_requests(
         limit=limit,
         cursor=cursor,
     )
+    return [RequestOut.model_validate(row) for row in rows]
 
 
 @router.get(
     "/activity/alerts",
     summary="Recent server errors and rate-limited requests, and backends now unhealthy.",
 )
-async def alerts(
-    state: StateDep, principal: PrincipalDep, limit: str | None = None
-) -> dict[str, Any]:
+async def alerts(state: StateDep, principal: PrincipalDep, limit: str | None = None) -> Alerts:
     failing = (col(RequestLogRow.status) >= 500) | (col(RequestLogRow.status) == 429)
     requests = await asyncio.to_thread(
         _page, state, principal.tenant_id, failing, limit=limit, cursor=None
@@ -230,20 +278,17 @@ async def alerts(
 
     down = await asyncio.to_thread(backends)
     detail = await asyncio.to_thread(manages, state, principal, "backends")
-    return {
-        "requests": requests,
-        "backends": [
-            {
-                "backendId": row.backend_id,
-                "name": name,
-                "failures": row.failures,
-                "lastError": row.last_error if detail else public_error(row.last_error),
-                "downUntil": rfc3339(row.down_until) if row.down_until else None,
-                "checkedAt": rfc3339(row.checked_at) if row.checked_at else None,
-            }
+    return Alerts(
+        requests=[RequestOut.model_validate(row) for row in requests],
+        backends=[
+            UnhealthyBackend.from_row(
+                row,
+                name=name,
+                last_error=row.last_error if detail else public_error(row.last_error),
+            )
             for row, name in down
         ],
-    }
+    )
 
 
 @router.get("/audit", summary="The tenant's changes (who, what, when), newest first.")
@@ -256,7 +301,7 @@ async def audit(
     to: str | None = Query(None, description="RFC 3339; exclusive."),
     limit: str | None = None,
     cursor: str | None = _CURSOR,
-) -> list[dict[str, Any]]:
+) -> list[AuditEntry]:
     conditions: list[Any] = [col(RequestLogRow.method).in_(sorted(MUTATING))]
     if identity:
         conditions.append(RequestLogRow.identity == identity)
@@ -270,24 +315,7 @@ async def audit(
     rows = await asyncio.to_thread(
         _page, state, principal.tenant_id, *conditions, limit=limit, cursor=cursor
     )
-    return [
-        {
-            "id": row["id"],
-            "at": row["at"],
-            "identity": row["identity"],
-            "identityKind": row["identityKind"],
-            "method": row["method"],
-            "path": row["path"],
-            "operation": row["operation"],
-            "subject": row["subject"],
-            "subjectId": row["subjectId"],
-            "status": row["status"],
-            "runId": row["runId"],
-            # What the change did to secrets: a backend approved, hook headers dropped, ...
-            "detail": row["detail"],
-        }
-        for row in rows
-    ]
+    return [AuditEntry.model_validate(row) for row in rows]
 
 
 def _bound(value: str | None, param: str) -> datetime | None:

@@ -6,17 +6,15 @@ gone never shows up, even before `remove_memberships` has cleaned it away.
 a cycle) and re-exported here.
 """
 
-from typing import Any
-
 from fastapi import APIRouter, Response
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from api.deps import PrincipalDep, StateDep, owned
 from api.errors import APIError
-from api.routes.backends import BackendOut, backend_json
-from api.routes.groups import GroupOut, group_json, load_group, remove_memberships
-from api.routes.models import ModelOut, model_json
+from api.routes.backends import BackendOut
+from api.routes.groups import GroupOut, load_group, remove_memberships
+from api.routes.models import ModelOut
 from core.backends.keys import provider_bindings
 from core.models import AffinityGroupRow, BackendRow, GroupBackendRow, GroupModelRow, ModelRow
 
@@ -94,9 +92,7 @@ def unassign_backend(groupID: str, backendID: str, state: StateDep, principal: P
     response_model=list[BackendOut],
     summary="Lists all backends associated with a specific affinity group.",
 )
-def list_group_backends(
-    groupID: str, state: StateDep, principal: PrincipalDep
-) -> list[dict[str, Any]]:
+def list_group_backends(groupID: str, state: StateDep, principal: PrincipalDep) -> list[BackendOut]:
     tenant = principal.tenant_id
     query = (
         select(BackendRow)
@@ -107,7 +103,7 @@ def list_group_backends(
     bindings = provider_bindings(state.db, tenant)
     with state.db.session() as session:
         load_group(session, tenant, groupID)
-        return [backend_json(row, bindings) for row in session.exec(query).all()]
+        return [BackendOut.of(row, bindings) for row in session.exec(query).all()]
 
 
 @router.get(
@@ -115,9 +111,7 @@ def list_group_backends(
     response_model=list[GroupOut],
     summary="Lists all affinity groups that a specific backend belongs to.",
 )
-def list_backend_groups(
-    backendID: str, state: StateDep, principal: PrincipalDep
-) -> list[dict[str, Any]]:
+def list_backend_groups(backendID: str, state: StateDep, principal: PrincipalDep) -> list[GroupOut]:
     tenant = principal.tenant_id
     query = (
         select(AffinityGroupRow)
@@ -127,7 +121,7 @@ def list_backend_groups(
     )
     with state.db.session() as session:
         _backend(session, tenant, backendID)
-        return [group_json(row) for row in session.exec(query).all()]
+        return [GroupOut.model_validate(row) for row in session.exec(query).all()]
 
 
 # --------------------------------------------------------------------------- models
@@ -175,9 +169,7 @@ def unassign_model(groupID: str, modelID: str, state: StateDep, principal: Princ
     response_model=list[ModelOut],
     summary="Lists all models associated with a specific affinity group.",
 )
-def list_group_models(
-    groupID: str, state: StateDep, principal: PrincipalDep
-) -> list[dict[str, Any]]:
+def list_group_models(groupID: str, state: StateDep, principal: PrincipalDep) -> list[ModelOut]:
     tenant = principal.tenant_id
     query = (
         select(ModelRow)
@@ -187,7 +179,7 @@ def list_group_models(
     )
     with state.db.session() as session:
         load_group(session, tenant, groupID)
-        return [model_json(row) for row in session.exec(query).all()]
+        return [ModelOut.model_validate(row) for row in session.exec(query).all()]
 
 
 @router.get(
@@ -195,9 +187,7 @@ def list_group_models(
     response_model=list[GroupOut],
     summary="Lists all affinity groups that a specific model belongs to.",
 )
-def list_model_groups(
-    modelID: str, state: StateDep, principal: PrincipalDep
-) -> list[dict[str, Any]]:
+def list_model_groups(modelID: str, state: StateDep, principal: PrincipalDep) -> list[GroupOut]:
     tenant = principal.tenant_id
     query = (
         select(AffinityGroupRow)
@@ -207,4 +197,4 @@ def list_model_groups(
     )
     with state.db.session() as session:
         _model(session, tenant, modelID)
-        return [group_json(row) for row in session.exec(query).all()]
+        return [GroupOut.model_validate(row) for row in session.exec(query).all()]

@@ -5,7 +5,6 @@ row on every request, so a revocation locks the key out on its very next request
 """
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -14,9 +13,10 @@ from sqlmodel import Session
 from api.deps import Principal, PrincipalDep, StateDep, levels_everywhere, owned, tenant_page
 from api.errors import APIError
 from api.fields import a_name
+from api.schemas import Camel, Timestamp
 from core.identity.credentials import new_api_key
 from core.identity.permissions import RANK, RESOURCE_TYPES, SCOPE_LEVELS, valid_scope
-from core.models import ApiKeyRow, rfc3339, utcnow
+from core.models import ApiKeyRow, utcnow
 
 router = APIRouter(tags=["api-keys"])
 
@@ -34,35 +34,19 @@ class ApiKeyIn(BaseModel):
     _name = field_validator("name")(a_name)
 
 
-class ApiKeyOut(BaseModel):
+class ApiKeyOut(Camel):
     id: str
     name: str
     prefix: str
     scopes: list[str]
-    createdAt: str
-    expiresAt: str | None
-    lastUsedAt: str | None
-    revokedAt: str | None
+    created_at: Timestamp
+    expires_at: Timestamp | None
+    last_used_at: Timestamp | None
+    revoked_at: Timestamp | None
 
 
 class NewApiKeyOut(ApiKeyOut):
-    key: str
-
-
-def key_json(row: ApiKeyRow, plain: str | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": row.id,
-        "name": row.name,
-        "prefix": row.prefix,
-        "scopes": list(row.scopes),
-        "createdAt": rfc3339(row.created_at),
-        "expiresAt": rfc3339(row.expires_at) if row.expires_at else None,
-        "lastUsedAt": rfc3339(row.last_used_at) if row.last_used_at else None,
-        "revokedAt": rfc3339(row.revoked_at) if row.revoked_at else None,
-    }
-    if plain is not None:
-        body["key"] = plain
-    return body
+    key: str = Field(description="The key itself: shown in this answer only.")
 
 
 def issue_key(
@@ -148,7 +132,7 @@ def _expiry(body: ApiKeyIn) -> datetime | None:
     response_model=NewApiKeyOut,
     summary="Creates an API key; the key itself is returned only in this response.",
 )
-def create_api_key(body: ApiKeyIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+def create_api_key(body: ApiKeyIn, state: StateDep, principal: PrincipalDep) -> NewApiKeyOut:
     scopes = _check_scopes(body.scopes)
     expires_at = _expiry(body)
     _check_grantable(state, principal, scopes)
@@ -157,7 +141,7 @@ def create_api_key(body: ApiKeyIn, state: StateDep, principal: PrincipalDep) -> 
             session, principal.tenant_id, principal.user_id, body.name, scopes, expires_at
         )
         session.commit()
-        return key_json(row, plain)
+        return NewApiKeyOut.from_row(row, key=plain)
 
 
 @router.get(
@@ -170,16 +154,17 @@ def list_api_keys(
     principal: PrincipalDep,
     limit: str | None = None,
     cursor: str | None = _CURSOR,
-) -> list[dict[str, Any]]:
+) -> list[ApiKeyOut]:
     with state.db.session() as session:
         rows = session.exec(tenant_page(ApiKeyRow, principal.tenant_id, limit, cursor)).all()
-        return [key_json(row) for row in rows]
+        return [ApiKeyOut.model_validate(row) for row in rows]
 
 
 @router.get("/api-keys/{id}", response_model=ApiKeyOut, summary="Retrieves an API key.")
-def get_api_key(id: str, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+def get_api_key(id: str, state: StateDep, principal: PrincipalDep) -> ApiKeyOut:
     with state.db.session() as session:
-        return key_json(owned(session, ApiKeyRow, id, principal.tenant_id, "api key"))
+        row = owned(session, ApiKeyRow, id, principal.tenant_id, "api key")
+        return ApiKeyOut.model_validate(row)
 
 
 @router.delete(

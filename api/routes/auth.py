@@ -4,7 +4,6 @@ variants. Every route here is public and limited per client address.
 
 import asyncio
 from datetime import datetime, timedelta
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy.exc import IntegrityError
@@ -20,7 +19,7 @@ from api.deps import (
     refuse_when_limited,
 )
 from api.errors import APIError
-from api.routes.apikeys import issue_key, key_json
+from api.routes.apikeys import NewApiKeyOut, issue_key
 from api.routes.users import (
     LoginIn,
     LoginOut,
@@ -28,10 +27,9 @@ from api.routes.users import (
     RefreshIn,
     RegisterIn,
     TokensOut,
+    UserOut,
     add_user,
     commit_user,
-    issue_tokens,
-    user_json,
 )
 from core.identity.credentials import (
     TokenClaims,
@@ -58,11 +56,11 @@ _limited = [Depends(limit_by_client)]
 # ---- cookies (/ui/*) -------------------------------------------------------------------
 
 
-def _set_cookies(response: Response, state: AppState, tokens: dict[str, Any]) -> None:
+def _set_cookies(response: Response, state: AppState, tokens: TokensOut) -> None:
     secure = state.settings.cookie_secure
     response.set_cookie(
         SESSION_COOKIE,
-        tokens["token"],
+        tokens.token,
         max_age=int(state.settings.access_token_ttl),
         path="/",
         secure=secure,
@@ -71,7 +69,7 @@ def _set_cookies(response: Response, state: AppState, tokens: dict[str, Any]) ->
     )
     response.set_cookie(
         REFRESH_COOKIE,
-        tokens["refreshToken"],
+        tokens.refresh_token,
         max_age=int(state.settings.refresh_token_ttl),
         path=REFRESH_PATH,
         secure=secure,
@@ -93,7 +91,13 @@ def _clear_cookies(response: Response, state: AppState) -> None:
 # ---- register, login, refresh ----------------------------------------------------------
 
 
-def _register(state: AppState, body: RegisterIn, request: Request) -> dict[str, Any]:
+class RegisteredOut(TokensOut, UserOut):
+    """The new user (an admin of the new tenant), its tokens and its first API key."""
+
+    api_key: NewApiKeyOut
+
+
+def _register(state: AppState, body: RegisterIn, request: Request) -> RegisteredOut:
     if not state.settings.registration_open:
         raise APIError(403, "registration_closed", "registration is closed on this server")
     password_hash = hash_password(body.password)
@@ -108,14 +112,14 @@ def _register(state: AppState, body: RegisterIn, request: Request) -> dict[str, 
         request.state.principal = Principal(
             tenant_id=tenant.id, identity=user.id, kind="user", role="admin", user_id=user.id
         )
-        return {
-            **user_json(user, "admin", tenant.id),
-            **issue_tokens(state, user, tenant.id),
-            "apiKey": key_json(key, plain),
-        }
+        return RegisteredOut(
+            **dict(UserOut.of(user, "admin", tenant.id)),
+            **dict(TokensOut.issue(state, user, tenant.id)),
+            api_key=NewApiKeyOut.from_row(key, key=plain),
+        )
 
 
-def _login(state: AppState, body: LoginIn) -> dict[str, Any]:
+def _login(state: AppState, body: LoginIn) -> LoginOut:
     refused = APIError(401, "invalid_credentials", "the email or password is not correct")
     email = body.email.strip().lower()
     with state.db.session() as session:
@@ -145,12 +149,7 @@ def _login(state: AppState, body: LoginIn) -> dict[str, Any]:
         tenant_id = memberships[0].tenant_id
     else:
         raise refused
-    return {
-        **issue_tokens(state, user, tenant_id),
-        "tokenType": "bearer",
-        "tenantId": tenant_id,
-        "user": user_json(user, roles[tenant_id], tenant_id),
-    }
+    return LoginOut.of(TokensOut.issue(state, user, tenant_id), user, roles[tenant_id], tenant_id)
 
 
 def _access_claims(state: AppState, token: str) -> tuple[TokenClaims, datetime]:
@@ -203,7 +202,7 @@ def _revoke(session: Session, claims: TokenClaims, until: datetime, reason: str)
     return None
 
 
-def _refresh(state: AppState, token: str) -> dict[str, Any]:
+def _refresh(state: AppState, token: str) -> TokensOut:
     claims, until = _refresh_claims(state, token)
     with state.db.session() as session:
         user, _ = live_session(session, claims)
@@ -225,7 +224,7 @@ def _refresh(state: AppState, token: str) -> dict[str, Any]:
                 "log in again",
                 param="token",
             )
-        return issue_tokens(state, user, claims.tenant_id)
+        return TokensOut.issue(state, user, claims.tenant_id)
 
 
 def _logout(state: AppState, *tokens: tuple[TokenClaims, datetime]) -> None:
@@ -250,7 +249,7 @@ async def _limit_email(request: Request, state: AppState, email: str) -> None:
     dependencies=_limited,
     summary="Registers a new user and returns authentication credentials.",
 )
-def register(body: RegisterIn, state: StateDep, request: Request) -> dict[str, Any]:
+def register(body: RegisterIn, state: StateDep, request: Request) -> RegisteredOut:
     return _register(state, body, request)
 
 
@@ -260,7 +259,7 @@ def register(body: RegisterIn, state: StateDep, request: Request) -> dict[str, A
     dependencies=_limited,
     summary="Authenticates a user using email and password.",
 )
-async def login(body: LoginIn, state: StateDep, request: Request) -> dict[str, Any]:
+async def login(body: LoginIn, state: StateDep, request: Request) -> LoginOut:
     await _limit_email(request, state, body.email)
     return await asyncio.to_thread(_login, state, body)
 
@@ -271,7 +270,7 @@ async def login(body: LoginIn, state: StateDep, request: Request) -> dict[str, A
     dependencies=_limited,
     summary="Refreshes an expired or expiring JWT token.",
 )
-def token_refresh(body: RefreshIn, state: StateDep) -> dict[str, Any]:
+def token_refresh(body: RefreshIn, state: StateDep) -> TokensOut:
     return _refresh(state, body.token)
 
 
@@ -283,7 +282,7 @@ def token_refresh(body: RefreshIn, state: StateDep) -> dict[str, Any]:
 )
 async def ui_login(
     body: LoginIn, state: StateDep, request: Request, response: Response
-) -> dict[str, Any]:
+) -> LoginOut:
     await _limit_email(request, state, body.email)
     result = await asyncio.to_thread(_login, state, body)
     _set_cookies(response, state, result)
@@ -298,7 +297,7 @@ async def ui_login(
 )
 def ui_register(
     body: RegisterIn, state: StateDep, request: Request, response: Response
-) -> dict[str, Any]:
+) -> RegisteredOut:
     result = _register(state, body, request)
     _set_cookies(response, state, result)
     return result

@@ -8,7 +8,7 @@ answers show upstream errors to those with manage, "unreachable"/"refused" to ev
 
 import asyncio
 import logging
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import urlparse
 
 from fastapi import APIRouter, Query, Request
@@ -20,12 +20,13 @@ from api.deps import AppState, PrincipalDep, StateDep, manages, owned, tenant_pa
 from api.errors import APIError
 from api.routes.groups import remove_memberships
 from api.routes.providers import BoxDep
+from api.schemas import Camel, Timestamp
 from core.backends.downloads import cancel_downloads
 from core.backends.keys import KEYED_TYPES, provider_bindings, provider_keys
 from core.backends.providers import ProviderClients, ProviderError, public_error
 from core.backends.refs import approval_target, key_at_stake, key_grant, to_ref
 from core.metering.request_log import note_change
-from core.models import BackendRow, BackendStateRow, rfc3339, utcnow
+from core.models import BackendRow, BackendStateRow, utcnow
 
 router = APIRouter(tags=["backends"])
 log = logging.getLogger(__name__)
@@ -47,39 +48,40 @@ class BackendIn(BaseModel):
         return value.rstrip("/")
 
 
-class BackendOut(BaseModel):
+class BackendOut(Camel):
     id: str
     name: str
-    baseUrl: str
+    base_url: str
     type: str
-    providerKey: str = Field(
-        "none",
+    provider_key: Literal["bound", "approved", "none"] = Field(
         description="Whether the backend receives its type's provider key: `bound` (its "
         "baseUrl is the key's bound URL), `approved` (an admin approved it at this baseUrl) "
-        "or `none`.",
+        "or `none`."
     )
-    createdAt: str
-    updatedAt: str
+    created_at: Timestamp
+    updated_at: Timestamp
+
+    @classmethod
+    def of(cls, row: BackendRow, bindings: dict[str, str] | None = None) -> Self:
+        """`bindings` (provider type to bound URL, from core.backends.keys.provider_bindings)
+        fill in providerKey."""
+        grant = key_grant(row, (bindings or {}).get(row.type)) or "none"
+        return cls.from_row(row, provider_key=grant)
+
+
+class PulledModel(BaseModel):
+    """seed 003 pulledModels entry: `model` always; what else the backend tells of the model
+    (ollama: name, size, digest, modifiedAt, details) is passed on as it came."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
 
 
 class BackendStatus(BackendOut):
-    models: list[str] = []
-    pulledModels: list[dict[str, Any]] = []
-    error: str = ""
-
-
-def backend_json(row: BackendRow, bindings: dict[str, str] | None = None) -> dict[str, Any]:
-    """A backend as the API shows it; `bindings` (provider type to bound URL, from
-    core.backends.keys.provider_bindings) fill in providerKey."""
-    return {
-        "id": row.id,
-        "name": row.name,
-        "baseUrl": row.base_url,
-        "type": row.type,
-        "providerKey": key_grant(row, (bindings or {}).get(row.type)) or "none",
-        "createdAt": rfc3339(row.created_at),
-        "updatedAt": rfc3339(row.updated_at),
-    }
+    models: list[str] = Field(description="The models the backend serves now.")
+    pulled_models: list[PulledModel]
+    error: str = Field(description="Why the backend could not be asked; empty when it was.")
 
 
 def shown_error(detail: str, full: bool) -> str:
@@ -108,15 +110,14 @@ async def _status_context(
 
 async def _with_status(
     clients: ProviderClients, row: BackendRow, keys: dict[str, Any], full: bool
-) -> dict[str, Any]:
-    data = backend_json(row, {kind: key.base_url for kind, key in keys.items()})
+) -> BackendStatus:
+    backend = BackendOut.of(row, {kind: key.base_url for kind, key in keys.items()})
     try:
-        data["models"] = await clients.list_models(to_ref(row, keys))
-        data["error"] = ""
+        models, error = await clients.list_models(to_ref(row, keys)), ""
     except ProviderError as err:
-        data["models"], data["error"] = [], shown_error(str(err), full)
-    data["pulledModels"] = [{"model": name} for name in data["models"]]
-    return data
+        models, error = [], shown_error(str(err), full)
+    pulled = [PulledModel(model=name) for name in models]
+    return BackendStatus(**dict(backend), models=models, pulled_models=pulled, error=error)
 
 
 def _admit(
@@ -169,7 +170,7 @@ async def list_backends(
     box: BoxDep,
     limit: str | None = None,
     cursor: str | None = Query(None, description="RFC3339Nano createdAt of the last item."),
-) -> list[dict[str, Any]]:
+) -> list[BackendStatus]:
     query = tenant_page(BackendRow, principal.tenant_id, limit, cursor)
 
     def load() -> list[BackendRow]:
@@ -188,7 +189,7 @@ async def list_backends(
     response_model=BackendOut,
     summary="Creates a new backend connection to an LLM provider.",
 )
-def create_backend(body: BackendIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+def create_backend(body: BackendIn, state: StateDep, principal: PrincipalDep) -> BackendOut:
     admin, bindings = _admit(state, principal, body, None)
     row = BackendRow(
         tenant_id=principal.tenant_id, name=body.name, base_url=body.base_url, type=body.type
@@ -200,7 +201,7 @@ def create_backend(body: BackendIn, state: StateDep, principal: PrincipalDep) ->
             session.commit()
         except IntegrityError as err:
             raise APIError(409, "already_exists", f"a backend named {body.name!r} exists") from err
-    return backend_json(row, bindings)
+    return BackendOut.of(row, bindings)
 
 
 def _load(state: StateDep, tenant_id: str, backend_id: str) -> BackendRow:
@@ -215,7 +216,7 @@ def _load(state: StateDep, tenant_id: str, backend_id: str) -> BackendRow:
 )
 async def get_backend(
     id: str, request: Request, state: StateDep, principal: PrincipalDep, box: BoxDep
-) -> dict[str, Any]:
+) -> BackendStatus:
     row = await asyncio.to_thread(_load, state, principal.tenant_id, id)
     keys, full = await _status_context(state, principal, box)
     return await _with_status(_probe_clients(request, state), row, keys, full)
@@ -228,7 +229,7 @@ async def get_backend(
 )
 def update_backend(
     id: str, body: BackendIn, request: Request, state: StateDep, principal: PrincipalDep
-) -> dict[str, Any]:
+) -> BackendOut:
     row = _load(state, principal.tenant_id, id)
     admin, bindings = _admit(state, principal, body, row)
     moved = (row.type, row.base_url) != (body.type, body.base_url)
@@ -244,7 +245,7 @@ def update_backend(
         except IntegrityError as err:
             raise APIError(409, "already_exists", f"a backend named {body.name!r} exists") from err
     _probe_clients(request, state).forget(id)
-    return backend_json(row, bindings)
+    return BackendOut.of(row, bindings)
 
 
 @router.delete("/backends/{id}", summary="Removes a backend connection.")

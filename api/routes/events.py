@@ -17,9 +17,11 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import PrincipalDep, StateDep
 from api.errors import APIError
+from api.schemas import event_stream
 from core.events import dispatch, mappings, queries, raw, store
 from core.events.mappings import MappingConfig
-from core.events.store import EventError
+from core.events.raw import RawEvent
+from core.events.store import Event, EventError
 
 router = APIRouter(tags=["events"])
 
@@ -57,19 +59,6 @@ class EventIn(BaseModel):
     )
 
 
-class EventOut(BaseModel):
-    id: str
-    nid: int
-    event_type: str
-    event_source: str
-    aggregate_type: str
-    aggregate_id: str
-    version: int
-    data: Any
-    metadata: dict[str, Any]
-    created_at: str
-
-
 class RawEventIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -81,19 +70,10 @@ class RawEventIn(BaseModel):
     received_at: str | None = None
 
 
-class RawEventOut(BaseModel):
-    id: str
-    nid: int
-    path: str
-    headers: dict[str, Any]
-    payload: Any
-    received_at: str
-
-
 @router.post(
     "/events",
     status_code=201,
-    response_model=EventOut,
+    response_model=Event,
     summary="Appends a new event to the event store.",
     description="The event ID and created_at are generated when not provided. Events must be "
     "within ±10 minutes of current server time. The answer comes right after the event is "
@@ -115,7 +95,7 @@ async def append_event(body: EventIn, state: StateDep, principal: PrincipalDep) 
 
 @router.get(
     "/events/type",
-    response_model=list[EventOut],
+    response_model=list[Event],
     summary="Retrieves events of a specific type within a time range.",
 )
 async def events_by_type(
@@ -142,7 +122,7 @@ async def events_by_type(
 
 @router.get(
     "/events/source",
-    response_model=list[EventOut],
+    response_model=list[Event],
     summary="Retrieves events from a specific source within a time range.",
 )
 async def events_by_source(
@@ -171,7 +151,7 @@ async def events_by_source(
 
 @router.get(
     "/events/aggregate",
-    response_model=list[EventOut],
+    response_model=list[Event],
     summary="Retrieves events for a specific aggregate within a time range.",
 )
 async def events_by_aggregate(
@@ -263,7 +243,13 @@ def _resume_point(header: str | None, query: str | None) -> int | None:
     "as JSON. A client reconnecting with `Last-Event-ID` (or `?lastEventId=`) receives every "
     "event of the type appended after that nid, so nothing is lost across reconnects.",
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: event_stream(
+            "One message per event of the type, `id:` its nid and `data:` the Event as JSON; a "
+            "comment line every 15 s keeps the connection open.",
+            Event,
+        )
+    },
 )
 async def stream_events(
     eventType: str,
@@ -301,7 +287,7 @@ async def stream_events(
 
 @router.get(
     "/raw-events",
-    response_model=list[RawEventOut],
+    response_model=list[RawEvent],
     summary="Lists raw events within a time range, newest first.",
 )
 async def list_raw_events(
@@ -320,7 +306,7 @@ async def list_raw_events(
 @router.post(
     "/raw-events",
     status_code=201,
-    response_model=RawEventOut,
+    response_model=RawEvent,
     summary="Stores a raw event (no mapping is applied; use /ingest for that).",
 )
 async def create_raw_event(
@@ -334,7 +320,7 @@ async def create_raw_event(
 
 @router.get(
     "/raw-events/{nid}",
-    response_model=RawEventOut,
+    response_model=RawEvent,
     summary="Retrieves a raw event by numeric ID (NID) within a time range.",
 )
 async def get_raw_event(
@@ -353,7 +339,7 @@ async def get_raw_event(
 @router.post(
     "/ingest",
     status_code=201,
-    response_model=EventOut,
+    response_model=Event,
     summary="Stores a raw payload and appends the event its path's mapping makes of it.",
     description="The body is any JSON payload; request headers (credentials removed) are kept "
     "with it for metadataMapping. Without a mapping for the path the payload is still stored "
@@ -445,7 +431,7 @@ async def delete_mapping(
 @router.post(
     "/replay",
     status_code=201,
-    response_model=EventOut,
+    response_model=Event,
     summary="Replays a raw event by NID to re-emit its domain event.",
     description="Applies the current mapping of the raw event's path and appends the result "
     "as a new event (metadata.replayed = true), which fires triggers like any other.",

@@ -6,7 +6,6 @@ A script is parsed in the JS sandbox when it is created or updated, so a syntax 
 
 import asyncio
 import re
-from typing import Any
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,8 +14,9 @@ from sqlmodel import select
 
 from api.deps import PrincipalDep, StateDep, tenant_page
 from api.errors import APIError, not_found
+from api.schemas import Camel, Timestamp
 from core.config import Settings
-from core.models import EventTriggerRow, FunctionRow, rfc3339, utcnow
+from core.models import EventTriggerRow, FunctionRow, utcnow
 from core.sandbox.pool import JSError, runner_for
 
 router = APIRouter(tags=["functions"])
@@ -48,24 +48,15 @@ class FunctionIn(BaseModel):
     )
 
 
-class FunctionOut(BaseModel):
+class FunctionOut(Camel):
+    """seed 003 functionstore.Function."""
+
     name: str
     description: str
-    scriptType: str
+    script_type: str
     script: str
-    createdAt: str
-    updatedAt: str
-
-
-def function_json(row: FunctionRow) -> dict[str, Any]:
-    return {
-        "name": row.name,
-        "description": row.description,
-        "scriptType": row.script_type,
-        "script": row.script,
-        "createdAt": rfc3339(row.created_at),
-        "updatedAt": rfc3339(row.updated_at),
-    }
+    created_at: Timestamp
+    updated_at: Timestamp
 
 
 def _check_name(name: str) -> None:
@@ -123,12 +114,12 @@ async def list_functions(
     principal: PrincipalDep,
     limit: str | None = None,
     cursor: str | None = Query(None, description="RFC3339Nano createdAt of the last item."),
-) -> list[dict[str, Any]]:
+) -> list[FunctionOut]:
     query = tenant_page(FunctionRow, principal.tenant_id, limit, cursor)
 
-    def load() -> list[dict[str, Any]]:
+    def load() -> list[FunctionOut]:
         with state.db.session() as session:
-            return [function_json(row) for row in session.exec(query).all()]
+            return [FunctionOut.model_validate(row) for row in session.exec(query).all()]
 
     return await asyncio.to_thread(load)
 
@@ -141,7 +132,7 @@ async def list_functions(
 )
 async def create_function(
     body: FunctionIn, state: StateDep, principal: PrincipalDep
-) -> dict[str, Any]:
+) -> FunctionOut:
     _check_name(body.name)
     await _check(state.settings, principal.tenant_id, body)
     row = FunctionRow(
@@ -152,7 +143,7 @@ async def create_function(
         script=body.script,
     )
 
-    def insert() -> dict[str, Any]:
+    def insert() -> FunctionOut:
         with state.db.session() as session:
             session.add(row)
             try:
@@ -161,7 +152,7 @@ async def create_function(
                 raise APIError(
                     409, "already_exists", f"a function named {body.name!r} exists", param="name"
                 ) from err
-            return function_json(row)
+            return FunctionOut.model_validate(row)
 
     return await asyncio.to_thread(insert)
 
@@ -179,9 +170,9 @@ def _load(state: StateDep, tenant_id: str, name: str) -> FunctionRow:
     response_model=FunctionOut,
     summary="Retrieves details for a specific function.",
 )
-async def get_function(name: str, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+async def get_function(name: str, state: StateDep, principal: PrincipalDep) -> FunctionOut:
     row = await asyncio.to_thread(_load, state, principal.tenant_id, name)
-    return function_json(row)
+    return FunctionOut.model_validate(row)
 
 
 @router.put(
@@ -191,11 +182,11 @@ async def get_function(name: str, state: StateDep, principal: PrincipalDep) -> d
 )
 async def update_function(
     name: str, body: FunctionIn, state: StateDep, principal: PrincipalDep
-) -> dict[str, Any]:
+) -> FunctionOut:
     await asyncio.to_thread(_load, state, principal.tenant_id, name)
     await _check(state.settings, principal.tenant_id, body)
 
-    def save() -> dict[str, Any]:
+    def save() -> FunctionOut:
         with state.db.session() as session:
             row = session.get(FunctionRow, (principal.tenant_id, name))
             if row is None:
@@ -207,7 +198,7 @@ async def update_function(
             session.add(row)
             session.commit()
             session.refresh(row)
-            return function_json(row)
+            return FunctionOut.model_validate(row)
 
     return await asyncio.to_thread(save)
 

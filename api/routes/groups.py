@@ -1,7 +1,5 @@
 """/groups: affinity groups that pair backends with models for routing (seed 003)."""
 
-from typing import Any
-
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
@@ -9,7 +7,8 @@ from sqlmodel import Session, col, delete, select
 
 from api.deps import PrincipalDep, StateDep, owned, tenant_page
 from api.errors import APIError, not_found
-from core.models import AffinityGroupRow, GroupBackendRow, GroupModelRow, rfc3339, utcnow
+from api.schemas import Camel, Timestamp
+from core.models import AffinityGroupRow, GroupBackendRow, GroupModelRow, utcnow
 
 router = APIRouter(tags=["groups"])
 
@@ -31,22 +30,12 @@ class GroupIn(BaseModel):
         return value
 
 
-class GroupOut(BaseModel):
+class GroupOut(Camel):
     id: str
     name: str
-    purposeType: str
-    createdAt: str
-    updatedAt: str
-
-
-def group_json(row: AffinityGroupRow) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "name": row.name,
-        "purposeType": row.purpose_type,
-        "createdAt": rfc3339(row.created_at),
-        "updatedAt": rfc3339(row.updated_at),
-    }
+    purpose_type: str
+    created_at: Timestamp
+    updated_at: Timestamp
 
 
 def load_group(session: Session, tenant_id: str, group_id: str) -> AffinityGroupRow:
@@ -80,12 +69,12 @@ def _conflict(name: str) -> APIError:
 
 def _page(
     state: StateDep, tenant_id: str, limit: str | None, cursor: str | None, purpose: str | None
-) -> list[dict[str, Any]]:
+) -> list[GroupOut]:
     query = tenant_page(AffinityGroupRow, tenant_id, limit, cursor)
     if purpose is not None:
         query = query.where(AffinityGroupRow.purpose_type == purpose)
     with state.db.session() as session:
-        return [group_json(row) for row in session.exec(query).all()]
+        return [GroupOut.model_validate(row) for row in session.exec(query).all()]
 
 
 @router.get(
@@ -98,7 +87,7 @@ def list_groups(
     principal: PrincipalDep,
     limit: str | None = None,
     cursor: str | None = _CURSOR,
-) -> list[dict[str, Any]]:
+) -> list[GroupOut]:
     return _page(state, principal.tenant_id, limit, cursor, None)
 
 
@@ -108,7 +97,7 @@ def list_groups(
     response_model=GroupOut,
     summary="Creates a new affinity group for organizing backends and models.",
 )
-def create_group(body: GroupIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+def create_group(body: GroupIn, state: StateDep, principal: PrincipalDep) -> GroupOut:
     row = AffinityGroupRow(
         tenant_id=principal.tenant_id, name=body.name, purpose_type=body.purpose_type
     )
@@ -118,7 +107,7 @@ def create_group(body: GroupIn, state: StateDep, principal: PrincipalDep) -> dic
             session.commit()
         except IntegrityError as err:
             raise _conflict(body.name) from err
-    return group_json(row)
+    return GroupOut.model_validate(row)
 
 
 @router.get(
@@ -126,9 +115,9 @@ def create_group(body: GroupIn, state: StateDep, principal: PrincipalDep) -> dic
     response_model=GroupOut,
     summary="Retrieves an specific affinity group by its unique ID.",
 )
-def get_group(id: str, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+def get_group(id: str, state: StateDep, principal: PrincipalDep) -> GroupOut:
     with state.db.session() as session:
-        return group_json(load_group(session, principal.tenant_id, id))
+        return GroupOut.model_validate(load_group(session, principal.tenant_id, id))
 
 
 @router.put(
@@ -136,9 +125,7 @@ def get_group(id: str, state: StateDep, principal: PrincipalDep) -> dict[str, An
     response_model=GroupOut,
     summary="Updates an existing affinity group configuration.",
 )
-def update_group(
-    id: str, body: GroupIn, state: StateDep, principal: PrincipalDep
-) -> dict[str, Any]:
+def update_group(id: str, body: GroupIn, state: StateDep, principal: PrincipalDep) -> GroupOut:
     with state.db.session() as session:
         row = load_group(session, principal.tenant_id, id)
         row.name, row.purpose_type = body.name, body.purpose_type
@@ -148,7 +135,7 @@ def update_group(
             session.commit()
         except IntegrityError as err:
             raise _conflict(body.name) from err
-        return group_json(row)
+        return GroupOut.model_validate(row)
 
 
 @router.delete("/groups/{id}", summary="Removes an affinity group from the system.")
@@ -167,7 +154,7 @@ def delete_group(id: str, state: StateDep, principal: PrincipalDep) -> str:
     response_model=GroupOut,
     summary="Retrieves an affinity group by its human-readable name.",
 )
-def get_group_by_name(name: str, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+def get_group_by_name(name: str, state: StateDep, principal: PrincipalDep) -> GroupOut:
     query = select(AffinityGroupRow).where(
         AffinityGroupRow.tenant_id == principal.tenant_id, AffinityGroupRow.name == name
     )
@@ -175,7 +162,7 @@ def get_group_by_name(name: str, state: StateDep, principal: PrincipalDep) -> di
         row = session.exec(query).first()
     if row is None:
         raise not_found("group named", name)
-    return group_json(row)
+    return GroupOut.model_validate(row)
 
 
 @router.get(
@@ -189,5 +176,5 @@ def list_groups_by_purpose(
     principal: PrincipalDep,
     limit: str | None = None,
     cursor: str | None = _CURSOR,
-) -> list[dict[str, Any]]:
+) -> list[GroupOut]:
     return _page(state, principal.tenant_id, limit, cursor, purpose)

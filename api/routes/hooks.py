@@ -8,15 +8,16 @@ out to keep them all, as long as the hook stays where it points. A PUT that chan
 """
 
 import asyncio
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Path, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from api.deps import PrincipalDep, StateDep, manages, page_limit, parse_cursor
 from api.errors import APIError, not_found
 from api.routes.providers import BoxDep
+from api.schemas import Camel, Timestamp, absent_when_none
 from core.hooks.openapi import SchemaCache, SchemaError
 from core.hooks.store import (
     LOCAL_HOOKS,
@@ -35,7 +36,7 @@ from core.hooks.store import (
     valid_hook_name,
 )
 from core.metering.request_log import note_change
-from core.models import RemoteHookRow, rfc3339, utcnow
+from core.models import RemoteHookRow, utcnow
 from core.secrets import SecretBox, mask
 
 router = APIRouter(tags=["hooks"])
@@ -119,36 +120,37 @@ class RemoteHookIn(BaseModel):
         return [value] if isinstance(value, dict) else value
 
 
-class InjectionArgOut(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
-
-    in_: str = Field(..., alias="in", serialization_alias="in")
+class InjectionArgOut(Camel):
+    in_: str = Field(alias="in")
     name: str
     value: Any = None
 
 
-class RemoteHookOut(BaseModel):
+class RemoteHookOut(Camel):
+    """seed 003 hookrepo.RemoteHook, header values masked."""
+
     id: str
     name: str
-    endpointUrl: str
-    timeoutMs: int
+    endpoint_url: str
+    timeout_ms: int
     headers: dict[str, str] = Field(description="Header names; values masked.")
     properties: list[InjectionArgOut]
-    createdAt: str
-    updatedAt: str
+    created_at: Timestamp
+    updated_at: Timestamp
+
+    @classmethod
+    def of(cls, box: SecretBox, row: RemoteHookRow) -> Self:
+        return cls.from_row(row, headers=masked_headers(box, row), properties=row.properties or [])
 
 
-def hook_json(box: SecretBox, row: RemoteHookRow) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "name": row.name,
-        "endpointUrl": row.endpoint_url,
-        "timeoutMs": row.timeout_ms,
-        "headers": masked_headers(box, row),
-        "properties": list(row.properties or []),
-        "createdAt": rfc3339(row.created_at),
-        "updatedAt": rfc3339(row.updated_at),
-    }
+class HookDocument(BaseModel):
+    """A hook's OpenAPI document as it came (any keys), or `error` alone when it could not
+    be fetched or read."""
+
+    model_config = ConfigDict(extra="allow")
+
+    paths: dict[str, Any] | None = absent_when_none("The operations: each one is a tool.")
+    error: str | None = absent_when_none("Why there is no document.")
 
 
 def _properties(body: RemoteHookIn) -> list[dict[str, Any]]:
@@ -182,12 +184,12 @@ def list_remote_hooks(
     limit: str | None = None,
     cursor: str | None = Query(None, description="RFC3339Nano createdAt of the last item."),
     name: str | None = Query(None, description="Only the hook with this name."),
-) -> list[dict[str, Any]]:
+) -> list[RemoteHookOut]:
     after = parse_cursor(cursor)
     rows = list_hooks(
         state.db, principal.tenant_id, after=after, limit=page_limit(limit), name=name
     )
-    return [hook_json(box, row) for row in rows]
+    return [RemoteHookOut.of(box, row) for row in rows]
 
 
 @router.post(
@@ -201,7 +203,7 @@ def list_remote_hooks(
 )
 def create_remote_hook(
     body: RemoteHookIn, state: StateDep, principal: PrincipalDep, box: BoxDep
-) -> dict[str, Any]:
+) -> RemoteHookOut:
     row = RemoteHookRow(
         tenant_id=principal.tenant_id,
         name=body.name,
@@ -214,7 +216,7 @@ def create_remote_hook(
         save_hook(state.db, row)
     except HookExists as err:
         raise _exists(body.name) from err
-    return hook_json(box, row)
+    return RemoteHookOut.of(box, row)
 
 
 @router.get(
@@ -228,11 +230,11 @@ def get_remote_hook_by_name(
     state: StateDep,
     principal: PrincipalDep,
     box: BoxDep,
-) -> dict[str, Any]:
+) -> RemoteHookOut:
     row = get_hook_by_name(state.db, principal.tenant_id, name)
     if row is None:
         raise not_found("remote hook", name)
-    return hook_json(box, row)
+    return RemoteHookOut.of(box, row)
 
 
 @router.get(
@@ -243,8 +245,8 @@ def get_remote_hook_by_name(
 )
 def get_remote_hook(
     id: HookId, state: StateDep, principal: PrincipalDep, box: BoxDep
-) -> dict[str, Any]:
-    return hook_json(box, _load(state, principal.tenant_id, id))
+) -> RemoteHookOut:
+    return RemoteHookOut.of(box, _load(state, principal.tenant_id, id))
 
 
 @router.put(
@@ -259,7 +261,7 @@ def get_remote_hook(
 )
 def update_remote_hook(
     id: HookId, body: RemoteHookIn, state: StateDep, principal: PrincipalDep, box: BoxDep
-) -> dict[str, Any]:
+) -> RemoteHookOut:
     row = _load(state, principal.tenant_id, id)
     moved = body.endpoint_url != row.endpoint_url
     if body.headers is not None or moved:
@@ -296,7 +298,7 @@ def update_remote_hook(
         save_hook(state.db, row)
     except HookExists as err:
         raise _exists(body.name) from err
-    return hook_json(box, row)
+    return RemoteHookOut.of(box, row)
 
 
 @router.delete(
@@ -320,7 +322,6 @@ def _schema_cache(request: Request, state: StateDep) -> SchemaCache:
 
 @router.get(
     "/hooks/schemas",
-    response_model=dict[str, Any],
     summary="Retrieves the JSON openAPI schemas for all supported hook types.",
     description="The OpenAPI document of every hook by name: each remote hook's (fetched "
     "through the outbound policy and cached for CHAINLOOM_HOOK_SCHEMA_TTL) and a generated one "
@@ -328,24 +329,27 @@ def _schema_cache(request: Request, state: StateDep) -> SchemaCache:
 )
 async def hook_schemas(
     request: Request, state: StateDep, principal: PrincipalDep, box: BoxDep
-) -> dict[str, Any]:
+) -> dict[str, HookDocument]:
     rows = await asyncio.to_thread(list_hooks, state.db, principal.tenant_id, limit=10_000)
     cache = _schema_cache(request, state)
     allowlist = state.settings.outbound_allowlist
 
-    async def one(row: RemoteHookRow) -> Any:
+    async def one(row: RemoteHookRow) -> HookDocument:
         try:
             hook = to_remote_hook(box, row)
         except ValueError as err:
-            return {"error": f"hook {row.name}: {err}"}
+            return HookDocument(error=f"hook {row.name}: {err}")
         try:
             doc, _ = await cache.get(hook, allowlist)
         except SchemaError as err:
-            return {"error": err.message}
-        return doc
+            return HookDocument(error=err.message)
+        try:
+            return HookDocument.model_validate(doc)
+        except ValidationError as err:  # e.g. a document whose own `error` is not text
+            return HookDocument(error=f"hook {row.name}: not an OpenAPI document: {err}")
 
     docs = await asyncio.gather(*(one(row) for row in rows))
-    schemas: dict[str, Any] = {name: local_openapi(name) for name in LOCAL_HOOKS}
+    schemas = {name: HookDocument.model_validate(local_openapi(name)) for name in LOCAL_HOOKS}
     schemas.update({row.name: doc for row, doc in zip(rows, docs, strict=True)})
     return schemas
 

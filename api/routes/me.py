@@ -2,9 +2,10 @@
 to, as seed 002 calls them).
 """
 
-from typing import Any
+from typing import Annotated, Literal
 
 from fastapi import APIRouter
+from pydantic import Field
 from sqlmodel import Session, col, select
 
 from api.deps import (
@@ -19,11 +20,12 @@ from api.routes.users import (
     MeIn,
     ProjectIn,
     ProjectOut,
-    issue_tokens,
+    TokensOut,
+    UserOut,
     update_profile,
-    user_json,
     verify_current_password,
 )
+from api.schemas import Camel, Timestamp, absent_when_none
 from core.identity.credentials import (
     hash_password,
 )
@@ -35,6 +37,45 @@ from core.models import (
 )
 
 router = APIRouter(tags=["users"])
+
+
+class MeUser(UserOut):
+    """A signed-in user."""
+
+    kind: Literal["user"] = "user"
+    system_admin: bool
+
+
+class MeKey(Camel):
+    """An API key."""
+
+    kind: Literal["key"] = "key"
+    id: str
+    tenant_id: str
+    name: str
+    prefix: str
+    scopes: list[str]
+    user_id: str | None = Field(description="The user who made the key.")
+
+
+class MeBootstrap(Camel):
+    """The bootstrap key (CHAINLOOM_API_KEY)."""
+
+    kind: Literal["bootstrap"] = "bootstrap"
+    id: str
+    tenant_id: str
+    system_admin: bool
+
+
+Me = Annotated[MeUser | MeKey | MeBootstrap, Field(discriminator="kind")]
+
+
+class ProfileOut(UserOut):
+    """The user as changed; a new password ended every session, so new tokens come along."""
+
+    token: str | None = absent_when_none("Sent when the password changed.")
+    refresh_token: str | None = absent_when_none()
+    expires_at: Timestamp | None = absent_when_none()
 
 
 # ---- the caller: /me, /ui/me, /projects --------------------------------------------------
@@ -56,41 +97,46 @@ def _tenant_names(session: Session, ids: list[str]) -> dict[str, str]:
     return {row.id: row.name for row in rows}
 
 
-def _me(state: AppState, principal: Principal) -> dict[str, Any]:
+def _me(state: AppState, principal: Principal) -> MeUser | MeKey | MeBootstrap:
     with state.db.session() as session:
         if principal.kind == "user":
             user = _signed_in_user(session, principal)
-            return {
-                **user_json(user, principal.role, principal.tenant_id),
-                "kind": "user",
-                "systemAdmin": principal.system_admin,
-            }
+            return MeUser(
+                **dict(UserOut.of(user, principal.role, principal.tenant_id)),
+                system_admin=principal.system_admin,
+            )
         if principal.kind == "key":
             key = session.get(ApiKeyRow, principal.identity)
-            return {
-                "kind": "key",
-                "id": principal.identity,
-                "tenantId": principal.tenant_id,
-                "name": key.name if key else "",
-                "prefix": key.prefix if key else "",
-                "scopes": list(principal.scopes),
-                "userId": principal.user_id,
-            }
-    return {
-        "kind": principal.kind,
-        "id": principal.identity,
-        "tenantId": principal.tenant_id,
-        "systemAdmin": principal.system_admin,
-    }
+            return MeKey(
+                id=principal.identity,
+                tenant_id=principal.tenant_id,
+                name=key.name if key else "",
+                prefix=key.prefix if key else "",
+                scopes=list(principal.scopes),
+                user_id=principal.user_id,
+            )
+    return MeBootstrap(
+        id=principal.identity,
+        tenant_id=principal.tenant_id,
+        system_admin=principal.system_admin,
+    )
 
 
-@router.get("/me", summary="Returns the caller: a user, an API key or the bootstrap key.")
-def get_me(state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+@router.get(
+    "/me",
+    response_model=Me,
+    summary="Returns the caller: a user, an API key or the bootstrap key.",
+)
+def get_me(state: StateDep, principal: PrincipalDep) -> MeUser | MeKey | MeBootstrap:
     return _me(state, principal)
 
 
-@router.get("/ui/me", summary="Returns the currently authenticated user (for UI clients).")
-def get_ui_me(state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+@router.get(
+    "/ui/me",
+    response_model=Me,
+    summary="Returns the currently authenticated user (for UI clients).",
+)
+def get_ui_me(state: StateDep, principal: PrincipalDep) -> MeUser | MeKey | MeBootstrap:
     return _me(state, principal)
 
 
@@ -98,17 +144,18 @@ def get_ui_me(state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
     "/me",
     summary="Updates the caller's profile; email and password need currentPassword.",
 )
-def patch_me(body: MeIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+def patch_me(body: MeIn, state: StateDep, principal: PrincipalDep) -> ProfileOut:
     with state.db.session() as session:
         user = _signed_in_user(session, principal)
         if body.email is not None or body.password is not None:
             verify_current_password(user, body.current_password)
         new_hash = hash_password(body.password) if body.password is not None else None
         update_profile(session, user, body, new_hash)
-        result = user_json(user, principal.role, principal.tenant_id)
-        if new_hash is not None:
-            result.update(issue_tokens(state, user, principal.tenant_id))
-        return result
+        tokens = TokensOut.issue(state, user, principal.tenant_id) if new_hash else None
+        return ProfileOut(
+            **dict(UserOut.of(user, principal.role, principal.tenant_id)),
+            **(dict(tokens) if tokens else {}),
+        )
 
 
 @router.get(
@@ -116,18 +163,13 @@ def patch_me(body: MeIn, state: StateDep, principal: PrincipalDep) -> dict[str, 
     response_model=list[ProjectOut],
     summary="Lists the tenants (projects) the caller belongs to, with the caller's role.",
 )
-def list_projects(state: StateDep, principal: PrincipalDep) -> list[dict[str, Any]]:
+def list_projects(state: StateDep, principal: PrincipalDep) -> list[ProjectOut]:
     with state.db.session() as session:
         if principal.kind != "user":
             names = _tenant_names(session, [principal.tenant_id])
             role = principal.role if principal.kind == "bootstrap" else None
-            return [
-                {
-                    "id": principal.tenant_id,
-                    "name": names.get(principal.tenant_id, principal.tenant_id),
-                    "role": role,
-                }
-            ]
+            name = names.get(principal.tenant_id, principal.tenant_id)
+            return [ProjectOut(id=principal.tenant_id, name=name, role=role)]
         memberships = session.exec(
             select(MembershipRow)
             .where(MembershipRow.user_id == principal.user_id)
@@ -135,7 +177,7 @@ def list_projects(state: StateDep, principal: PrincipalDep) -> list[dict[str, An
         ).all()
         names = _tenant_names(session, [m.tenant_id for m in memberships])
     return [
-        {"id": m.tenant_id, "name": names.get(m.tenant_id, m.tenant_id), "role": m.role}
+        ProjectOut(id=m.tenant_id, name=names.get(m.tenant_id, m.tenant_id), role=m.role)
         for m in memberships
     ]
 
@@ -146,7 +188,7 @@ def list_projects(state: StateDep, principal: PrincipalDep) -> list[dict[str, An
     response_model=ProjectOut,
     summary="Creates a tenant (project) with the caller as its admin.",
 )
-def create_project(body: ProjectIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+def create_project(body: ProjectIn, state: StateDep, principal: PrincipalDep) -> ProjectOut:
     if not state.settings.registration_open and not principal.system_admin:
         # A tenant made here is a tenant made without registration.
         raise APIError(403, "registration_closed", "creating projects is closed on this server")
@@ -156,7 +198,7 @@ def create_project(body: ProjectIn, state: StateDep, principal: PrincipalDep) ->
         session.add(tenant)
         session.add(MembershipRow(tenant_id=tenant.id, user_id=user.id, role="admin"))
         session.commit()
-        return {"id": tenant.id, "name": tenant.name, "role": "admin"}
+        return ProjectOut(id=tenant.id, name=tenant.name, role="admin")
 
 
 @router.post(
@@ -164,15 +206,10 @@ def create_project(body: ProjectIn, state: StateDep, principal: PrincipalDep) ->
     response_model=LoginOut,
     summary="Issues tokens scoped to one of the caller's tenants (projects).",
 )
-def project_token(id: str, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+def project_token(id: str, state: StateDep, principal: PrincipalDep) -> LoginOut:
     with state.db.session() as session:
         user = _signed_in_user(session, principal)
         member = session.get(MembershipRow, (id, user.id))
     if member is None:
         raise not_found("project", id)
-    return {
-        **issue_tokens(state, user, id),
-        "tokenType": "bearer",
-        "tenantId": id,
-        "user": user_json(user, member.role, id),
-    }
+    return LoginOut.of(TokensOut.issue(state, user, id), user, member.role, id)

@@ -1,7 +1,5 @@
 """/models: models declared to the system (seed 003)."""
 
-from typing import Any
-
 import anyio
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -11,7 +9,8 @@ from api.deps import PrincipalDep, StateDep, owned, tenant_page
 from api.errors import APIError
 from api.routes.groups import remove_memberships
 from api.routes.queue import purge_model_downloads, queue_declared_model
-from core.models import ModelRow, rfc3339, utcnow
+from api.schemas import Camel, Timestamp
+from core.models import ModelRow, utcnow
 
 router = APIRouter(tags=["models"])
 
@@ -28,30 +27,16 @@ class ModelIn(BaseModel):
     context_length: int = Field(0, alias="contextLength", ge=0, le=2**31 - 1)
 
 
-class ModelOut(BaseModel):
+class ModelOut(Camel):
     id: str
     model: str
-    canChat: bool
-    canEmbed: bool
-    canPrompt: bool
-    canStream: bool
-    contextLength: int
-    createdAt: str
-    updatedAt: str
-
-
-def model_json(row: ModelRow) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "model": row.model,
-        "canChat": row.can_chat,
-        "canEmbed": row.can_embed,
-        "canPrompt": row.can_prompt,
-        "canStream": row.can_stream,
-        "contextLength": row.context_length,
-        "createdAt": rfc3339(row.created_at),
-        "updatedAt": rfc3339(row.updated_at),
-    }
+    can_chat: bool
+    can_embed: bool
+    can_prompt: bool
+    can_stream: bool
+    context_length: int
+    created_at: Timestamp
+    updated_at: Timestamp
 
 
 @router.get(
@@ -64,10 +49,10 @@ def list_models(
     principal: PrincipalDep,
     limit: str | None = None,
     cursor: str | None = Query(None, description="RFC3339Nano createdAt of the last item."),
-) -> list[dict[str, Any]]:
+) -> list[ModelOut]:
     query = tenant_page(ModelRow, principal.tenant_id, limit, cursor)
     with state.db.session() as session:
-        return [model_json(row) for row in session.exec(query).all()]
+        return [ModelOut.model_validate(row) for row in session.exec(query).all()]
 
 
 @router.post(
@@ -76,7 +61,7 @@ def list_models(
     response_model=ModelOut,
     summary="Declares a new model to the system.",
 )
-def create_model(body: ModelIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+def create_model(body: ModelIn, state: StateDep, principal: PrincipalDep) -> ModelOut:
     row = ModelRow(tenant_id=principal.tenant_id, **body.model_dump(by_alias=False))
     with state.db.session() as session:
         session.add(row)
@@ -89,7 +74,7 @@ def create_model(body: ModelIn, state: StateDep, principal: PrincipalDep) -> dic
     # Seed 003: a model an ollama backend lacks is queued for download there (never fails
     # the request: with Temporal down, the state sync queues it later).
     anyio.from_thread.run(queue_declared_model, state, principal.tenant_id, row.model)
-    return model_json(row)
+    return ModelOut.model_validate(row)
 
 
 def _load(state: StateDep, tenant_id: str, model_id: str) -> ModelRow:
@@ -100,9 +85,7 @@ def _load(state: StateDep, tenant_id: str, model_id: str) -> ModelRow:
 @router.put(
     "/models/{id}", response_model=ModelOut, summary="Updates an existing model registration."
 )
-def update_model(
-    id: str, body: ModelIn, state: StateDep, principal: PrincipalDep
-) -> dict[str, Any]:
+def update_model(id: str, body: ModelIn, state: StateDep, principal: PrincipalDep) -> ModelOut:
     row = _load(state, principal.tenant_id, id)
     if body.model != row.model:
         raise APIError(422, "immutable_field", "a model's name cannot be changed", param="model")
@@ -112,7 +95,7 @@ def update_model(
     with state.db.session() as session:
         session.add(session.merge(row))
         session.commit()
-    return model_json(row)
+    return ModelOut.model_validate(row)
 
 
 @router.delete("/models/{id}", summary="Deletes a model from the system registry.")

@@ -11,12 +11,11 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import httpx
 import psutil
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import text
 from sqlmodel import col, func, select
@@ -28,7 +27,8 @@ from temporalio.client import Client
 from api.deps import AppState, StateDep
 from api.errors import APIError, not_found
 from api.fields import plain_text
-from core.models import UserRow, rfc3339, utcnow
+from api.schemas import Camel, Timestamp, absent_when_none
+from core.models import UserRow, utcnow
 
 public_router = APIRouter(tags=["operations"])
 log = logging.getLogger(__name__)
@@ -37,45 +37,75 @@ router = APIRouter(tags=["operations"])
 _MB = 1024 * 1024
 
 
+class Health(Camel):
+    status: Literal["ok"] = "ok"
+    version: str
+    uptime_seconds: float
+    memory_mb: float = Field(alias="memoryMB", description="Resident memory of the process.")
+
+
+class Pong(Camel):
+    msg: Literal["pong"] = "pong"
+
+
+class Check(Camel):
+    """One dependency's probe: `error` when it failed, `skipped` when it is not configured."""
+
+    ok: bool
+    error: str | None = absent_when_none()
+    skipped: bool | None = absent_when_none()
+    latency_ms: float | None = absent_when_none()
+
+
+class ReadyChecks(Camel):
+    database: Check
+    temporal: Check
+    qdrant: Check
+    redis: Check
+
+
+class Readiness(Camel):
+    status: Literal["ready", "not_ready"]
+    checks: ReadyChecks
+    total_latency_ms: float
+
+
 def _uptime(state: AppState) -> float:
     return round(time.time() - state.started, 3)
 
 
 @public_router.get("/health", summary="Liveness: the process answers (checks no dependency).")
-async def health(request: Request) -> dict[str, Any]:
+async def health(request: Request) -> Health:
     state: AppState = request.app.state.chainloom
-    return {
-        "status": "ok",
-        "version": request.app.version,
-        "uptimeSeconds": _uptime(state),
-        "memoryMB": round(psutil.Process().memory_info().rss / _MB, 1),
-    }
+    return Health(
+        version=request.app.version,
+        uptime_seconds=_uptime(state),
+        memory_mb=round(psutil.Process().memory_info().rss / _MB, 1),
+    )
 
 
 @public_router.get("/ping", summary="Answers pong.")
-async def ping() -> dict[str, str]:
-    return {"msg": "pong"}
+async def ping() -> Pong:
+    return Pong()
 
 
-async def _check(
-    probe: Callable[[], Awaitable[Any]], limit: float, detailed: bool = True
-) -> dict[str, Any]:
-    """Runs one probe within `limit` seconds: {"ok", "latencyMs"} plus "error" when it failed.
+async def _check(probe: Callable[[], Awaitable[Any]], limit: float, detailed: bool = True) -> Check:
+    """Runs one probe within `limit` seconds: whether it answered, how fast, and why not.
 
     `detailed=False` (the public /ready) names only the kind of failure: driver messages
     carry hosts, ports and user names that anonymous callers should not read. The full
     message goes to the log and to /system/services.
     """
     started = time.perf_counter()
-    result: dict[str, Any] = {"ok": True}
+    result = Check(ok=True)
     try:
         await asyncio.wait_for(probe(), limit)
     except TimeoutError:
-        result = {"ok": False, "error": f"no answer within {limit:g} s"}
+        result = Check(ok=False, error=f"no answer within {limit:g} s")
     except Exception as err:
         log.warning("readiness probe failed: %s", _describe(err))
-        result = {"ok": False, "error": _describe(err) if detailed else _kind(err)}
-    result["latencyMs"] = round((time.perf_counter() - started) * 1000, 2)
+        result = Check(ok=False, error=_describe(err) if detailed else _kind(err))
+    result.latency_ms = round((time.perf_counter() - started) * 1000, 2)
     return result
 
 
@@ -140,9 +170,9 @@ def _qdrant_url(state: AppState) -> str:
 @public_router.get(
     "/ready",
     summary="Readiness: database, Temporal and (when configured) Qdrant and Redis answer.",
-    responses={503: {"description": "A dependency does not answer; see checks."}},
+    responses={503: {"model": Readiness, "description": "A dependency does not answer."}},
 )
-async def ready(request: Request) -> JSONResponse:
+async def ready(request: Request, response: Response) -> Readiness:
     state: AppState = request.app.state.chainloom
     timeout = state.settings.ready_timeout
     started = time.perf_counter()
@@ -156,18 +186,16 @@ async def ready(request: Request) -> JSONResponse:
     if optional["redis"]:
         probes["redis"] = _redis_probe(optional["redis"])
     results = await asyncio.gather(*(_check(p, timeout, False) for p in probes.values()))
-    checks: dict[str, Any] = dict(zip(probes, results, strict=True))
+    checks = dict(zip(probes, results, strict=True))
     for name, url in optional.items():
         if not url:
-            checks[name] = {"ok": True, "skipped": True}
-    ok = all(check["ok"] for check in checks.values())
-    return JSONResponse(
-        status_code=200 if ok else 503,
-        content={
-            "status": "ready" if ok else "not_ready",
-            "checks": checks,
-            "totalLatencyMs": round((time.perf_counter() - started) * 1000, 2),
-        },
+            checks[name] = Check(ok=True, skipped=True)
+    ok = all(check.ok for check in checks.values())
+    response.status_code = 200 if ok else 503
+    return Readiness(
+        status="ready" if ok else "not_ready",
+        checks=ReadyChecks(**checks),
+        total_latency_ms=round((time.perf_counter() - started) * 1000, 2),
     )
 
 
@@ -179,7 +207,44 @@ def _disk_path(path: Path) -> Path:
     return path
 
 
-def _resources(state: AppState) -> dict[str, Any]:
+class Cpu(Camel):
+    count: int
+    percent: float
+    load_average: list[float] = Field(description="1, 5 and 15 minutes.")
+
+
+class Memory(Camel):
+    total_mb: float = Field(alias="totalMB")
+    used_mb: float = Field(alias="usedMB")
+    available_mb: float = Field(alias="availableMB")
+    percent: float
+
+
+class Disk(Camel):
+    path: str = Field(description="The data directory (or its nearest existing parent).")
+    total_mb: float = Field(alias="totalMB")
+    used_mb: float = Field(alias="usedMB")
+    free_mb: float = Field(alias="freeMB")
+    percent: float
+
+
+class ProcessInfo(Camel):
+    pid: int
+    rss_mb: float = Field(alias="rssMB")
+    threads: int
+    open_files: int
+    cpu_percent: float
+    uptime_seconds: float
+
+
+class Resources(Camel):
+    cpu: Cpu
+    memory: Memory
+    disk: Disk
+    process: ProcessInfo
+
+
+def _resources(state: AppState) -> Resources:
     memory = psutil.virtual_memory()
     disk_at = _disk_path(state.settings.data_dir)
     disk = psutil.disk_usage(str(disk_at))
@@ -190,39 +255,39 @@ def _resources(state: AppState) -> dict[str, Any]:
         fds = proc.num_fds() if hasattr(proc, "num_fds") else len(proc.open_files())
         process_cpu = proc.cpu_percent(interval=None)
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
-    return {
-        "cpu": {
-            "count": psutil.cpu_count() or 0,
+    return Resources(
+        cpu=Cpu(
+            count=psutil.cpu_count() or 0,
             # A short sample: the first interval-less reading of a process is always 0.
-            "percent": psutil.cpu_percent(interval=0.1),
-            "loadAverage": [round(x, 2) for x in load],
-        },
-        "memory": {
-            "totalMB": round(memory.total / _MB, 1),
-            "usedMB": round(memory.used / _MB, 1),
-            "availableMB": round(memory.available / _MB, 1),
-            "percent": memory.percent,
-        },
-        "disk": {
-            "path": str(disk_at),
-            "totalMB": round(disk.total / _MB, 1),
-            "usedMB": round(disk.used / _MB, 1),
-            "freeMB": round(disk.free / _MB, 1),
-            "percent": disk.percent,
-        },
-        "process": {
-            "pid": proc.pid,
-            "rssMB": round(rss / _MB, 1),
-            "threads": threads,
-            "openFiles": fds,
-            "cpuPercent": process_cpu,
-            "uptimeSeconds": _uptime(state),
-        },
-    }
+            percent=psutil.cpu_percent(interval=0.1),
+            load_average=[round(x, 2) for x in load],
+        ),
+        memory=Memory(
+            total_mb=round(memory.total / _MB, 1),
+            used_mb=round(memory.used / _MB, 1),
+            available_mb=round(memory.available / _MB, 1),
+            percent=memory.percent,
+        ),
+        disk=Disk(
+            path=str(disk_at),
+            total_mb=round(disk.total / _MB, 1),
+            used_mb=round(disk.used / _MB, 1),
+            free_mb=round(disk.free / _MB, 1),
+            percent=disk.percent,
+        ),
+        process=ProcessInfo(
+            pid=proc.pid,
+            rss_mb=round(rss / _MB, 1),
+            threads=threads,
+            open_files=fds,
+            cpu_percent=process_cpu,
+            uptime_seconds=_uptime(state),
+        ),
+    )
 
 
 @router.get("/system/resources", summary="CPU, memory and disk of this API process's host.")
-async def system_resources(state: StateDep) -> dict[str, Any]:
+async def system_resources(state: StateDep) -> Resources:
     return await asyncio.to_thread(_resources, state)
 
 
@@ -241,37 +306,51 @@ async def _pollers(client: Client, namespace: str, queue: str) -> dict[str, int]
     return counts
 
 
-def _status(check: dict[str, Any]) -> dict[str, Any]:
-    view = {"status": "up" if check["ok"] else "down", "latencyMs": check["latencyMs"]}
-    if not check["ok"]:
-        view["error"] = check["error"]
-    return view
+class Service(Camel):
+    """A service chainloom depends on; which other keys it has depends on `name`."""
+
+    name: Literal["api", "database", "temporal", "workers", "qdrant", "redis"]
+    status: Literal["up", "down", "unknown", "not_configured"]
+    latency_ms: float | None = absent_when_none("How long its probe took.")
+    error: str | None = absent_when_none("Why it is down or unknown.")
+    version: str | None = absent_when_none("The API's version.")
+    uptime_seconds: float | None = absent_when_none("How long the API process has run.")
+    dialect: str | None = absent_when_none("database: sqlite or postgresql.")
+    address: str | None = absent_when_none("The Temporal frontend.")
+    namespace: str | None = absent_when_none("The Temporal namespace.")
+    task_queue: str | None = absent_when_none("The task queue the workers poll.")
+    pollers: int | None = absent_when_none("Workflow and activity pollers on it.")
+    workflow_pollers: int | None = absent_when_none()
+    activity_pollers: int | None = absent_when_none()
+    url: str | None = absent_when_none("The Qdrant server.")
+
+
+def _status(check: Check) -> dict[str, Any]:
+    status = "up" if check.ok else "down"
+    return {"status": status, "latency_ms": check.latency_ms, "error": check.error}
 
 
 @router.get("/system/services", summary="Each service chainloom depends on and whether it is up.")
-async def system_services(request: Request, state: StateDep) -> list[dict[str, Any]]:
+async def system_services(request: Request, state: StateDep) -> list[Service]:
     settings = state.settings
     timeout = settings.ready_timeout
     database, temporal = await asyncio.gather(
         _check(_database_probe(state), timeout), _check(_temporal_probe(state), timeout)
     )
-    services: list[dict[str, Any]] = [
-        {
-            "name": "api",
-            "status": "up",
-            "version": request.app.version,
-            "uptimeSeconds": _uptime(state),
-        },
-        {"name": "database", **_status(database), "dialect": state.db.engine.dialect.name},
-        {
-            "name": "temporal",
+    services = [
+        Service(
+            name="api", status="up", version=request.app.version, uptime_seconds=_uptime(state)
+        ),
+        Service(name="database", **_status(database), dialect=state.db.engine.dialect.name),
+        Service(
+            name="temporal",
             **_status(temporal),
-            "address": settings.temporal_address,
-            "namespace": settings.temporal_namespace,
-        },
+            address=settings.temporal_address,
+            namespace=settings.temporal_namespace,
+        ),
     ]
-    workers: dict[str, Any] = {"name": "workers", "taskQueue": settings.task_queue}
-    if temporal["ok"]:
+    workers = Service(name="workers", status="unknown", task_queue=settings.task_queue)
+    if temporal.ok:
         counts: dict[str, int] = {}
 
         async def describe() -> None:
@@ -279,28 +358,26 @@ async def system_services(request: Request, state: StateDep) -> list[dict[str, A
             counts.update(await _pollers(client, settings.temporal_namespace, settings.task_queue))
 
         check = await _check(describe, timeout)
-        if check["ok"]:
+        if check.ok:
             pollers = counts["workflow"] + counts["activity"]
-            workers.update(
-                status="up" if pollers else "down",
-                pollers=pollers,
-                workflowPollers=counts["workflow"],
-                activityPollers=counts["activity"],
-            )
+            workers.status = "up" if pollers else "down"
+            workers.pollers = pollers
+            workers.workflow_pollers = counts["workflow"]
+            workers.activity_pollers = counts["activity"]
         else:
-            workers.update(status="unknown", error=check["error"])
+            workers.error = check.error
     else:
-        workers.update(status="unknown", error="Temporal is not reachable")
+        workers.error = "Temporal is not reachable"
     services.append(workers)
     qdrant = _qdrant_url(state)
     if qdrant:
         check = await _check(_http_probe(f"{qdrant}/readyz", timeout), timeout)
-        services.append({"name": "qdrant", **_status(check), "url": qdrant})
+        services.append(Service(name="qdrant", **_status(check), url=qdrant))
     else:
-        services.append({"name": "qdrant", "status": "not_configured"})
+        services.append(Service(name="qdrant", status="not_configured"))
     if settings.redis_url:
         check = await _check(_redis_probe(settings.redis_url), timeout)
-        services.append({"name": "redis", **_status(check)})
+        services.append(Service(name="redis", **_status(check)))
     return services
 
 
@@ -318,25 +395,23 @@ class SystemAdminIn(BaseModel):
         return plain_text(value.strip().lower())
 
 
-def _admin_json(user: UserRow) -> dict[str, Any]:
-    return {
-        "id": user.id,
-        "email": user.email,
-        "friendlyName": user.friendly_name,
-        "tenantId": user.tenant_id,
-        "createdAt": rfc3339(user.created_at),
-    }
+class SystemAdminOut(Camel):
+    id: str
+    email: str
+    friendly_name: str
+    tenant_id: str = Field(description="The tenant the user registered in.")
+    created_at: Timestamp
 
 
 @router.get("/system/admins", summary="Lists the users who are system administrators.")
-def list_system_admins(state: StateDep) -> list[dict[str, Any]]:
+def list_system_admins(state: StateDep) -> list[SystemAdminOut]:
     with state.db.session() as session:
         rows = session.exec(
             select(UserRow)
             .where(col(UserRow.system_admin).is_(True))
             .order_by(col(UserRow.created_at), col(UserRow.id))
         ).all()
-        return [_admin_json(row) for row in rows]
+        return [SystemAdminOut.model_validate(row) for row in rows]
 
 
 @router.post(
@@ -344,7 +419,7 @@ def list_system_admins(state: StateDep) -> list[dict[str, Any]]:
     status_code=201,
     summary="Makes the user with this email a system administrator.",
 )
-def add_system_admin(body: SystemAdminIn, state: StateDep) -> dict[str, Any]:
+def add_system_admin(body: SystemAdminIn, state: StateDep) -> SystemAdminOut:
     with state.db.session() as session:
         user = session.exec(select(UserRow).where(UserRow.email == body.email)).first()
         if user is None:
@@ -354,7 +429,7 @@ def add_system_admin(body: SystemAdminIn, state: StateDep) -> dict[str, Any]:
             user.updated_at = utcnow()
             session.add(user)
             session.commit()
-        return _admin_json(user)
+        return SystemAdminOut.model_validate(user)
 
 
 @router.delete(

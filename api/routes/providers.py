@@ -10,7 +10,7 @@ changes only together with the key, so whoever moves it knows the key already.
 """
 
 import threading
-from typing import Annotated, Any
+from typing import Annotated, Self
 from urllib.parse import urlparse
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -18,6 +18,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
 from api.errors import APIError, not_found
+from api.schemas import Camel, Timestamp
 from core.backends.keys import (
     DEFAULT_BASE_URLS,
     PROVIDER_TYPES,
@@ -30,7 +31,7 @@ from core.backends.keys import (
     set_provider_key,
 )
 from core.metering.request_log import note_change
-from core.models import ProviderConfigRow, rfc3339
+from core.models import ProviderConfigRow
 from core.secrets import SecretBox
 
 router = APIRouter(tags=["providers"])
@@ -115,22 +116,18 @@ class ProviderConfigureIn(BaseModel):
         return value
 
 
-class ProviderConfigOut(BaseModel):
-    APIKey: str = Field(description="The key, masked: never returned in clear.")
-    Type: str
-    baseUrl: str = Field(description='The URL the key is bound to ("" for none).')
-    createdAt: str
-    updatedAt: str
+class ProviderConfigOut(Camel):
+    """seed 003 providerapi config: the key is masked, never returned in clear."""
 
+    api_key: str = Field(alias="APIKey", description="The key, masked.")
+    type: str = Field(alias="Type")
+    base_url: str = Field(description='The URL the key is bound to ("" for none).')
+    created_at: Timestamp
+    updated_at: Timestamp
 
-def _out(box: SecretBox, row: ProviderConfigRow) -> dict[str, Any]:
-    return {
-        "APIKey": masked_key(box, row),
-        "Type": row.type,
-        "baseUrl": row.base_url,
-        "createdAt": rfc3339(row.created_at),
-        "updatedAt": rfc3339(row.updated_at),
-    }
+    @classmethod
+    def of(cls, box: SecretBox, row: ProviderConfigRow) -> Self:
+        return cls.from_row(row, api_key=masked_key(box, row))
 
 
 @router.get(
@@ -144,12 +141,12 @@ def list_configs(
     box: BoxDep,
     limit: str | None = None,
     cursor: str | None = Query(None, description="RFC3339Nano createdAt of the last item."),
-) -> list[dict[str, Any]]:
+) -> list[ProviderConfigOut]:
     after = parse_cursor(cursor)
     rows = list_provider_configs(
         state.db, principal.tenant_id, after=after, limit=page_limit(limit)
     )
-    return [_out(box, row) for row in rows]
+    return [ProviderConfigOut.of(box, row) for row in rows]
 
 
 @router.post(
@@ -169,7 +166,7 @@ def configure_provider(
     state: StateDep,
     principal: PrincipalDep,
     box: BoxDep,
-) -> dict[str, Any]:
+) -> ProviderConfigOut:
     kind = _provider_type(providerType)
     try:
         row, created = set_provider_key(
@@ -193,7 +190,7 @@ def configure_provider(
     note_change(
         f"{kind} key {'set' if created else 'replaced'}, bound to {row.base_url or 'no URL'}"
     )
-    return _out(box, row)
+    return ProviderConfigOut.of(box, row)
 
 
 @router.get(
@@ -203,12 +200,12 @@ def configure_provider(
 )
 def get_config(
     providerType: ProviderTypePath, state: StateDep, principal: PrincipalDep, box: BoxDep
-) -> dict[str, Any]:
+) -> ProviderConfigOut:
     kind = _provider_type(providerType)
     row = get_provider_config(state.db, principal.tenant_id, kind)
     if row is None:
         raise not_found("provider config", kind)
-    return _out(box, row)
+    return ProviderConfigOut.of(box, row)
 
 
 @router.delete(

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, Self
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
@@ -23,6 +23,7 @@ from temporalio.service import RPCError
 
 from api.deps import AppState, PrincipalDep, StateDep
 from api.errors import APIError, not_found
+from api.schemas import Camel, absent_when_none, event_stream
 from core.backends.downloads import (
     BackendQueue,
     cancel_downloads,
@@ -40,7 +41,6 @@ router = APIRouter(tags=["queue"])
 # How long POST /queue waits for a worker to answer the queue query after queueing.
 READ_BACK_SECONDS = 15.0
 
-TASK_TYPE = "model_download"
 FINAL = ("success", "failed", "cancelled")
 # How often /queue/inProgress reads the queues; progress itself arrives about once a second.
 POLL_SECONDS = 0.5
@@ -59,26 +59,98 @@ class PullIn(BaseModel):
     backend: str = Field(..., min_length=1, description="Name or id of an ollama backend.")
 
 
-class ModelJob(BaseModel):
+class ModelJob(Camel):
     model: str
-    url: str
+    url: str = Field(description="The backend's base URL.")
 
 
-class JobOut(BaseModel):
+class DownloadProgress(Camel):
+    """Where a running download is; null for what the pull has not reported yet."""
+
+    status: str | None = Field(None, description="What the backend reports, e.g. pulling.")
+    digest: str | None = None
+    completed: int | None = Field(None, description="Bytes.")
+    total: int | None = Field(None, description="Bytes.")
+    attempt: int | None = Field(None, description="Which try of the pull this is (from 1).")
+    started_at: str | None = Field(None, description="RFC 3339.")
+
+
+class JobOut(Camel):
     """seed 003 downloadservice_Job, plus chainloom's status and backend fields."""
 
     id: str
-    taskType: str
-    modelJob: ModelJob
-    scheduledFor: int
-    validUntil: int
-    createdAt: str
+    task_type: Literal["model_download"] = "model_download"
+    model_job: ModelJob
+    scheduled_for: int = Field(description="Epoch seconds.")
+    valid_until: int = Field(description="Epoch seconds.")
+    created_at: str = Field(description="RFC 3339.")
     status: str = Field(description="queued, downloading, success, failed or cancelled")
     backend: str
-    backendId: str
-    progress: dict[str, Any] | None = None
+    backend_id: str
+    progress: DownloadProgress | None = absent_when_none("While downloading.")
     error: str = ""
-    finishedAt: str | None = None
+    finished_at: str | None = absent_when_none("RFC 3339, once it ended.")
+
+    @classmethod
+    def of(cls, row: BackendRow, job: dict[str, Any], status: str) -> Self:
+        created = str(job.get("createdAt") or "")
+        scheduled = _unix(created)
+        out = cls(
+            id=str(job.get("id") or ""),
+            model_job=ModelJob(model=job["model"], url=row.base_url),
+            scheduled_for=scheduled,
+            valid_until=scheduled + VALID_SECONDS if scheduled else 0,
+            created_at=created,
+            status=status,
+            backend=row.name,
+            backend_id=row.id,
+        )
+        if status == "downloading":
+            out.progress = DownloadProgress.model_validate(job)
+            out.error = job.get("lastError") or ""
+        elif status in FINAL:
+            out.error = job.get("error") or ""
+            out.finished_at = job.get("finishedAt")
+        return out
+
+
+class DownloadEvent(Camel):
+    """The seed's /queue/inProgress event data, plus the backend's name and the job id."""
+
+    status: str = Field(description="As in GET /queue, or success, failed or cancelled.")
+    digest: str
+    total: int
+    completed: int
+    model: str
+    base_url: str
+    backend: str
+    backend_id: str
+    id: str = Field(description="The job.")
+    error: str | None = absent_when_none("Why it failed, or the last error it retries after.")
+
+    @classmethod
+    def of(cls, row: BackendRow, job: dict[str, Any], status: str) -> Self:
+        failed = status in FINAL or job.get("lastError")
+        return cls(
+            status=status,
+            digest=job.get("digest") or "",
+            total=int(job.get("total") or 0),
+            completed=int(job.get("completed") or 0),
+            model=job["model"],
+            base_url=row.base_url,
+            backend=row.name,
+            backend_id=row.id,
+            id=str(job.get("id") or ""),
+            error=(job.get("error") or job.get("lastError") or "") if failed else None,
+        )
+
+
+class UnknownJob(Camel):
+    """The last event when the followed job cannot be found."""
+
+    status: Literal["unknown"] = "unknown"
+    id: str
+    error: str
 
 
 # --------------------------------------------------------------------------- helpers
@@ -112,48 +184,8 @@ def _unix(stamp: str) -> int:
         return 0
 
 
-def job_json(row: BackendRow, job: dict[str, Any], status: str) -> dict[str, Any]:
-    created = str(job.get("createdAt") or "")
-    scheduled = _unix(created)
-    out: dict[str, Any] = {
-        "id": str(job.get("id") or ""),
-        "taskType": TASK_TYPE,
-        "modelJob": {"model": job["model"], "url": row.base_url},
-        "scheduledFor": scheduled,
-        "validUntil": scheduled + VALID_SECONDS if scheduled else 0,
-        "createdAt": created,
-        "status": status,
-        "backend": row.name,
-        "backendId": row.id,
-    }
-    if status == "downloading":
-        out["progress"] = {
-            k: job.get(k) for k in ("status", "digest", "completed", "total", "attempt")
-        }
-        out["progress"]["startedAt"] = job.get("startedAt")
-        out["error"] = job.get("lastError") or ""
-    elif status in FINAL:
-        out["error"] = job.get("error") or ""
-        out["finishedAt"] = job.get("finishedAt")
-    return out
-
-
-def _event(row: BackendRow, job: dict[str, Any], status: str) -> dict[str, Any]:
-    """The seed's /queue/inProgress event data, plus the backend's name and the job id."""
-    data = {
-        "status": status,
-        "digest": job.get("digest") or "",
-        "total": int(job.get("total") or 0),
-        "completed": int(job.get("completed") or 0),
-        "model": job["model"],
-        "baseUrl": row.base_url,
-        "backend": row.name,
-        "backendId": row.id,
-        "id": str(job.get("id") or ""),
-    }
-    if status in FINAL or job.get("lastError"):
-        data["error"] = job.get("error") or job.get("lastError") or ""
-    return data
+def _data(event: Camel, sort_keys: bool = False) -> str:
+    return json.dumps(event.model_dump(mode="json", by_alias=True), sort_keys=sort_keys)
 
 
 async def _client(state: AppState) -> Client:
@@ -235,22 +267,21 @@ async def purge_model_downloads(state: AppState, tenant_id: str, model: str) -> 
 @router.get(
     "/queue",
     response_model=list[JobOut],
-    response_model_exclude_none=True,
     summary="Retrieves the current model download queue state.",
     description="The download running on each ollama backend (status `downloading`, with "
     "`progress`) followed by the models waiting (status `queued`), oldest first.",
 )
-async def list_queue(state: StateDep, principal: PrincipalDep) -> list[dict[str, Any]]:
+async def list_queue(state: StateDep, principal: PrincipalDep) -> list[JobOut]:
     rows = await asyncio.to_thread(_backends, state, principal.tenant_id)
     if not rows:
         return []
     by_id = {r.id: r for r in rows}
-    jobs: list[dict[str, Any]] = []
+    jobs: list[JobOut] = []
     for queue in await _states(await _client(state), rows):
         row = by_id[queue.backend_id]
         if queue.in_progress:
-            jobs.append(job_json(row, queue.in_progress, "downloading"))
-        jobs.extend(job_json(row, job, "queued") for job in queue.pending)
+            jobs.append(JobOut.of(row, queue.in_progress, "downloading"))
+        jobs.extend(JobOut.of(row, job, "queued") for job in queue.pending)
     return jobs
 
 
@@ -258,12 +289,11 @@ async def list_queue(state: StateDep, principal: PrincipalDep) -> list[dict[str,
     "/queue",
     status_code=201,
     response_model=JobOut,
-    response_model_exclude_none=True,
     summary="Pulls a model onto one ollama backend (chainloom extension).",
     description="Queues the model on the backend's download queue, or returns the job already "
     "queued or running for it. Follow it with `GET /queue/inProgress?job=<id>`.",
 )
-async def pull_model(body: PullIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+async def pull_model(body: PullIn, state: StateDep, principal: PrincipalDep) -> JobOut:
     rows = await asyncio.to_thread(_all_backends, state, principal.tenant_id)
     row = next((r for r in rows if r.id == body.backend), None) or next(
         (r for r in rows if r.name == body.backend), None
@@ -305,7 +335,7 @@ async def pull_model(body: PullIn, state: StateDep, principal: PrincipalDep) -> 
             f"the download of {body.model!r} is queued, but no worker answered within "
             f"{READ_BACK_SECONDS:g} s to show it; GET /queue lists it once a worker runs",
         )
-    return job_json(row, *found)
+    return JobOut.of(row, *found)
 
 
 @router.delete(
@@ -350,7 +380,14 @@ async def cancel_queue(
     "extensions: `model` and `backend` narrow the stream; `job` follows one job from the "
     "state it is in (`queued` first when it waits) and ends the stream when it is over.",
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "status events"}},
+    responses={
+        200: event_stream(
+            "`event: status` messages whose data is a DownloadEvent (or, following a job that "
+            "cannot be found, an UnknownJob); a comment line every 15 s keeps it open.",
+            DownloadEvent | UnknownJob,
+            event="status",
+        )
+    },
 )
 async def in_progress(
     request: Request,
@@ -402,16 +439,19 @@ async def in_progress(
                 current = queue.in_progress
                 if current and wanted(current):
                     found = True
-                    data = _event(row, current, str(current.get("status") or "downloading"))
-                    text = json.dumps(data, sort_keys=True)
+                    data = DownloadEvent.of(
+                        row, current, str(current.get("status") or "downloading")
+                    )
+                    text = _data(data, sort_keys=True)
                     if sent.get(row.id) != text:
                         sent[row.id] = text
-                        yield ServerSentEvent(json.dumps(data), event="status")
+                        yield ServerSentEvent(_data(data), event="status")
                 if job:
                     for waiting in queue.pending:
                         if waiting.get("id") == job:
                             found = True
-                            text = json.dumps(_event(row, waiting, "queued"), sort_keys=True)
+                            queued = DownloadEvent.of(row, waiting, "queued")
+                            text = _data(queued, sort_keys=True)
                             if sent.get(row.id) != text:
                                 sent[row.id] = text
                                 yield ServerSentEvent(text, event="status")
@@ -421,9 +461,8 @@ async def in_progress(
                         continue
                     if job or (seen is not None and done["id"] not in seen):
                         found = True
-                        yield ServerSentEvent(
-                            json.dumps(_event(row, done, str(done["status"]))), event="status"
-                        )
+                        ended = DownloadEvent.of(row, done, str(done["status"]))
+                        yield ServerSentEvent(_data(ended), event="status")
                         if job:
                             return
             seen = finished_now | (seen or set())
@@ -433,8 +472,8 @@ async def in_progress(
             elif missing_since is None:
                 missing_since = loop.time()
             if job and missing_since is not None and loop.time() - missing_since > JOB_GRACE:
-                unknown = {"status": "unknown", "id": job, "error": f"no download job {job}"}
-                yield ServerSentEvent(json.dumps(unknown), event="status")
+                unknown = UnknownJob(id=job, error=f"no download job {job}")
+                yield ServerSentEvent(_data(unknown), event="status")
                 return
             await asyncio.sleep(POLL_SECONDS)
 

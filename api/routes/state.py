@@ -4,21 +4,42 @@ A backend's error is shown in full to callers with manage on backends; everyone 
 "unreachable" or "refused" (api/routes/backends.py says why).
 """
 
-from typing import Any
+from datetime import datetime
 
 from fastapi import APIRouter
+from pydantic import Field
 from sqlmodel import col, select
 
 from api.deps import PrincipalDep, StateDep, manages
-from api.routes.backends import backend_json, shown_error
+from api.routes.backends import BackendOut, PulledModel, shown_error
+from api.schemas import Camel, Timestamp
 from core.backends.keys import provider_bindings
-from core.models import BackendRow, BackendStateRow, as_utc, rfc3339, utcnow
+from core.models import BackendRow, BackendStateRow, as_utc, utcnow
 
 router = APIRouter(tags=["state"])
 
 
+class BackendRuntimeState(Camel):
+    """seed 003 statetype.BackendRuntimeState: a backend and what was last seen of it."""
+
+    id: str
+    name: str
+    backend: BackendOut
+    models: list[str]
+    pulled_models: list[PulledModel]
+    error: str
+    healthy: bool = Field(description="Not checked yet counts as healthy.")
+    failures: int = Field(description="Failed calls in a row.")
+    down_until: Timestamp | None = Field(description="Routing skips it until then.")
+    checked_at: Timestamp | None
+
+
+class DefaultModel(Camel):
+    model_name: str
+
+
 @router.get("/state", summary="Retrieves the current runtime state of all LLM backends.")
-def get_state(state: StateDep, principal: PrincipalDep) -> list[dict[str, Any]]:
+def get_state(state: StateDep, principal: PrincipalDep) -> list[BackendRuntimeState]:
     with state.db.session() as session:
         rows = session.exec(
             select(BackendRow, BackendStateRow)
@@ -35,26 +56,28 @@ def get_state(state: StateDep, principal: PrincipalDep) -> list[dict[str, Any]]:
     now = utcnow()
     result = []
     for backend, health in rows:
-        down_until = health.down_until if health else None
-        down_at = rfc3339(down_until) if down_until and as_utc(down_until) > now else None
+        down_until: datetime | None = health.down_until if health else None
+        if down_until is not None and as_utc(down_until) <= now:
+            down_until = None
         result.append(
-            {
-                "id": backend.id,
-                "name": backend.name,
-                "backend": backend_json(backend, bindings),
-                "models": list(health.models) if health else [],
-                "pulledModels": list(health.pulled_models) if health else [],
-                "error": shown_error(health.last_error, full) if health else "",
-                # Not checked yet counts as healthy: routing tries it and learns.
-                "healthy": (health.healthy and not down_at) if health else True,
-                "failures": health.failures if health else 0,
-                "downUntil": down_at,
-                "checkedAt": rfc3339(health.checked_at) if health and health.checked_at else None,
-            }
+            BackendRuntimeState(
+                id=backend.id,
+                name=backend.name,
+                backend=BackendOut.of(backend, bindings),
+                models=list(health.models) if health else [],
+                pulled_models=[PulledModel.model_validate(m) for m in health.pulled_models]
+                if health
+                else [],
+                error=shown_error(health.last_error, full) if health else "",
+                healthy=(health.healthy and not down_until) if health else True,
+                failures=health.failures if health else 0,
+                down_until=down_until,
+                checked_at=health.checked_at if health else None,
+            )
         )
     return result
 
 
 @router.get("/defaultmodel", summary="Returns the default model configured at start-up.")
-def default_model(state: StateDep, _: PrincipalDep) -> dict[str, str]:
-    return {"modelName": state.settings.default_model}
+def default_model(state: StateDep, _: PrincipalDep) -> DefaultModel:
+    return DefaultModel(model_name=state.settings.default_model)

@@ -4,7 +4,6 @@ Everyone sees their own tenant; system administrators see, create and change all
 """
 
 import asyncio
-from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -22,8 +21,9 @@ from api.deps import (
 )
 from api.errors import not_found
 from api.fields import a_name
+from api.schemas import Camel, Timestamp
 from core.metering.ratelimit import parse_limit
-from core.models import TenantRow, rfc3339, utcnow
+from core.models import TenantRow, utcnow
 
 router = APIRouter(tags=["tenants"])
 
@@ -31,19 +31,19 @@ router = APIRouter(tags=["tenants"])
 _MAX_QUOTA = 2**63 - 1
 
 
-class TenantOut(BaseModel):
+class TenantOut(Camel):
     id: str
     name: str
-    createdAt: str
-    updatedAt: str
-    requestQuota: int | None = Field(
-        None, description="Requests a month; null = the server default, 0 = unlimited."
+    created_at: Timestamp
+    updated_at: Timestamp
+    request_quota: int | None = Field(
+        description="Requests a month; null = the server default, 0 = unlimited."
     )
-    tokenQuota: int | None = Field(
-        None, description="Model tokens a month; null = the server default, 0 = unlimited."
+    token_quota: int | None = Field(
+        description="Model tokens a month; null = the server default, 0 = unlimited."
     )
-    rateLimit: str | None = Field(
-        None, description="Requests per window for the whole tenant, e.g. '100/minute'."
+    rate_limit: str | None = Field(
+        description="Requests per window for the whole tenant, e.g. '100/minute'."
     )
 
 
@@ -79,18 +79,6 @@ class TenantPatch(_Limits):
         if value is None:
             raise ValueError("name cannot be null")
         return a_name(value)
-
-
-def tenant_json(row: TenantRow) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "name": row.name,
-        "createdAt": rfc3339(row.created_at),
-        "updatedAt": rfc3339(row.updated_at),
-        "requestQuota": row.request_quota,
-        "tokenQuota": row.token_quota,
-        "rateLimit": row.rate_limit,
-    }
 
 
 def _get(session: Session, tenant_id: str, create: bool) -> TenantRow | None:
@@ -130,9 +118,9 @@ def list_tenants(
     principal: PrincipalDep,
     limit: str | None = None,
     cursor: str | None = Query(None, description="RFC3339Nano createdAt of the last item."),
-) -> list[dict[str, Any]]:
+) -> list[TenantOut]:
     if not principal.system_admin:
-        return [tenant_json(_visible(state, principal, principal.tenant_id))]
+        return [TenantOut.model_validate(_visible(state, principal, principal.tenant_id))]
     after = parse_cursor(cursor)
     with state.db.session() as session:
         _get(session, state.settings.default_tenant, True)
@@ -142,12 +130,12 @@ def list_tenants(
             query = query.where(col(TenantRow.created_at) > after)
         query = query.order_by(col(TenantRow.created_at), col(TenantRow.id))
         rows = session.exec(query.limit(page_limit(limit))).all()
-        return [tenant_json(row) for row in rows]
+        return [TenantOut.model_validate(row) for row in rows]
 
 
 @router.get("/tenants/{tenant_id}", response_model=TenantOut, summary="Gets one tenant.")
-def get_tenant(tenant_id: str, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
-    return tenant_json(_visible(state, principal, tenant_id))
+def get_tenant(tenant_id: str, state: StateDep, principal: PrincipalDep) -> TenantOut:
+    return TenantOut.model_validate(_visible(state, principal, tenant_id))
 
 
 @router.post(
@@ -160,7 +148,7 @@ def create_tenant(
     body: TenantIn,
     state: StateDep,
     _admin: Principal = Depends(require_system_admin),
-) -> dict[str, Any]:
+) -> TenantOut:
     row = TenantRow(
         name=body.name,
         request_quota=body.request_quota,
@@ -171,7 +159,7 @@ def create_tenant(
         session.add(row)
         session.commit()
         session.refresh(row)
-    return tenant_json(row)
+    return TenantOut.model_validate(row)
 
 
 @router.patch(
@@ -186,7 +174,7 @@ async def update_tenant(
     body: TenantPatch,
     state: StateDep,
     _admin: Principal = Depends(require_system_admin),
-) -> dict[str, Any]:
+) -> TenantOut:
     changes = body.model_dump(include=body.model_fields_set)
 
     def save() -> TenantRow:
@@ -204,4 +192,4 @@ async def update_tenant(
 
     row = await asyncio.to_thread(save)
     state.usage.forget(tenant_id)
-    return tenant_json(row)
+    return TenantOut.model_validate(row)

@@ -12,16 +12,10 @@ from sqlmodel import Session, col, select
 
 from api.deps import PrincipalDep, StateDep, tenant_page
 from api.errors import APIError, not_found
-from core.events.triggers import trigger_json
+from core.events.triggers import Listener, Trigger, trigger_json
 from core.models import EventTriggerRow, FunctionRow, utcnow
 
 router = APIRouter(tags=["event-triggers"])
-
-
-class Listener(BaseModel):
-    """seed 003 functionstore.Listener."""
-
-    type: str = Field(..., min_length=1, max_length=200, description="The event type.")
 
 
 class TriggerIn(BaseModel):
@@ -34,16 +28,6 @@ class TriggerIn(BaseModel):
     listen_for: Listener = Field(..., alias="listenFor")
     type: Literal["function"] = Field("function", description="Only `function` exists.")
     function: str = Field(..., min_length=1, max_length=200)
-
-
-class TriggerOut(BaseModel):
-    name: str
-    description: str
-    listenFor: Listener
-    type: str
-    function: str
-    createdAt: str
-    updatedAt: str
 
 
 def _check_function(session: Session, tenant_id: str, name: str) -> None:
@@ -59,7 +43,7 @@ def _check_function(session: Session, tenant_id: str, name: str) -> None:
 
 @router.get(
     "/event-triggers",
-    response_model=list[TriggerOut],
+    response_model=list[Trigger],
     summary="Lists all event triggers with pagination, oldest first.",
 )
 def list_triggers(
@@ -76,7 +60,7 @@ def list_triggers(
 @router.post(
     "/event-triggers",
     status_code=201,
-    response_model=TriggerOut,
+    response_model=Trigger,
     summary="Creates a new event trigger.",
     description="The function must exist (422 otherwise); names are unique (409).",
 )
@@ -114,7 +98,7 @@ def _filtered(state: StateDep, tenant_id: str, **match: str) -> list[dict[str, A
 
 @router.get(
     "/event-triggers/event-type/{eventType}",
-    response_model=list[TriggerOut],
+    response_model=list[Trigger],
     summary="Lists event triggers filtered by event type.",
 )
 def triggers_by_event_type(
@@ -125,7 +109,7 @@ def triggers_by_event_type(
 
 @router.get(
     "/event-triggers/function/{functionName}",
-    response_model=list[TriggerOut],
+    response_model=list[Trigger],
     summary="Lists event triggers filtered by function name.",
 )
 def triggers_by_function(
@@ -143,7 +127,7 @@ def _load(session: Session, tenant_id: str, name: str) -> EventTriggerRow:
 
 @router.get(
     "/event-triggers/{name}",
-    response_model=TriggerOut,
+    response_model=Trigger,
     summary="Retrieves details for a specific event trigger.",
 )
 def get_trigger(name: str, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
@@ -153,7 +137,7 @@ def get_trigger(name: str, state: StateDep, principal: PrincipalDep) -> dict[str
 
 @router.put(
     "/event-triggers/{name}",
-    response_model=TriggerOut,
+    response_model=Trigger,
     summary="Updates an existing event trigger configuration.",
     description="The name from the URL path overrides any name in the request body.",
 )

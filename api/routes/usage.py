@@ -1,52 +1,61 @@
 """GET /usage: a tenant's monthly requests and tokens against its quotas, and its rate limits."""
 
 import asyncio
-from typing import Any
+from typing import Self
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel
+from pydantic import Field
 
 from api.deps import PrincipalDep, StateDep, identity_counter
 from api.errors import not_found
+from api.schemas import Camel, Timestamp
 from core.metering.ratelimit import Verdict
-from core.metering.usage import period_reset, tenant_periods
-from core.models import rfc3339
+from core.metering.usage import Quota, period_reset, tenant_periods
 
 router = APIRouter(tags=["usage"])
 
 
-class QuotaOut(BaseModel):
+class QuotaOut(Camel):
     used: int
-    limit: int | None  # null = unlimited
+    limit: int | None = Field(description="null = unlimited.")
     remaining: int | None
-    percentUsed: float | None
+    percent_used: float | None
+
+    @classmethod
+    def of(cls, quota: Quota) -> Self:
+        return cls(
+            used=quota.used,
+            limit=quota.limit or None,
+            remaining=quota.remaining,
+            percent_used=round(100 * quota.used / quota.limit, 2) if quota.limit else None,
+        )
 
 
-class RateLimitOut(BaseModel):
+class RateLimitOut(Camel):
     limit: int
     remaining: int
-    reset: int  # epoch seconds when a slot frees up
+    reset: int = Field(description="Epoch seconds when a slot frees up.")
+
+    @classmethod
+    def of(cls, verdict: Verdict) -> Self:
+        return cls(limit=verdict.limit, remaining=max(verdict.remaining, 0), reset=verdict.reset)
 
 
-class PeriodOut(BaseModel):
-    period: str
+class PeriodOut(Camel):
+    period: str = Field(description="YYYY-MM (UTC).")
     requests: int
     tokens: int
 
 
-class UsageOut(BaseModel):
-    tenantId: str
+class UsageOut(Camel):
+    tenant_id: str
     period: str
-    resetsAt: str
+    resets_at: Timestamp
     requests: QuotaOut
     tokens: QuotaOut
-    rateLimit: RateLimitOut
-    tenantRateLimit: RateLimitOut
+    rate_limit: RateLimitOut
+    tenant_rate_limit: RateLimitOut
     history: list[PeriodOut]
-
-
-def _limit_json(verdict: Verdict) -> dict[str, int]:
-    return {"limit": verdict.limit, "remaining": max(verdict.remaining, 0), "reset": verdict.reset}
 
 
 @router.get(
@@ -62,7 +71,7 @@ async def get_usage(
     principal: PrincipalDep,
     months: int = Query(12, ge=1, le=120),
     tenantId: str | None = Query(None, description="Another tenant (system administrators)."),
-) -> dict[str, Any]:
+) -> UsageOut:
     tenant_id = tenantId or principal.tenant_id
     if tenant_id != principal.tenant_id and not principal.system_admin:
         raise not_found("tenant", tenant_id)
@@ -73,27 +82,25 @@ async def get_usage(
     tenant_limit = limiter.tenant_limit(await state.usage.rate_limit(tenant_id))
     whole = await limiter.peek(tenant_limit, f"tenant:{tenant_id}")
     rows = await asyncio.to_thread(tenant_periods, state.db, tenant_id, months)
-    history: list[dict[str, Any]] = [
-        {"period": r.period, "requests": r.requests, "tokens": r.tokens} for r in rows
-    ]
+    history = [PeriodOut.model_validate(row) for row in rows]
     # The stored row lags the in-memory count by up to a second; show the live numbers.
-    current = {
-        "period": snapshot.period,
-        "requests": snapshot.requests.used,
-        "tokens": snapshot.tokens.used,
-    }
-    if history and history[0]["period"] == snapshot.period:
-        history[0].update(current)
+    current = PeriodOut(
+        period=snapshot.period,
+        requests=snapshot.requests.used,
+        tokens=snapshot.tokens.used,
+    )
+    if history and history[0].period == snapshot.period:
+        history[0] = current
     else:
         history.insert(0, current)
         del history[months:]
-    return {
-        "tenantId": tenant_id,
-        "period": snapshot.period,
-        "resetsAt": rfc3339(period_reset(snapshot.period)),
-        "requests": snapshot.requests.as_dict(),
-        "tokens": snapshot.tokens.as_dict(),
-        "rateLimit": _limit_json(own),
-        "tenantRateLimit": _limit_json(whole),
-        "history": history,
-    }
+    return UsageOut(
+        tenant_id=tenant_id,
+        period=snapshot.period,
+        resets_at=period_reset(snapshot.period),
+        requests=QuotaOut.of(snapshot.requests),
+        tokens=QuotaOut.of(snapshot.tokens),
+        rate_limit=RateLimitOut.of(own),
+        tenant_rate_limit=RateLimitOut.of(whole),
+        history=history,
+    )

@@ -9,7 +9,7 @@ depend on the rows (last admin, yourself, users of other tenants).
 
 import re
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, Self
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -27,6 +27,7 @@ from api.deps import (
 )
 from api.errors import APIError, not_found
 from api.fields import a_name, plain_text
+from api.schemas import Camel, Timestamp
 from core.identity.credentials import (
     hash_password,
     password_problem,
@@ -38,7 +39,6 @@ from core.models import (
     ApiKeyRow,
     MembershipRow,
     UserRow,
-    rfc3339,
     utcnow,
 )
 
@@ -145,54 +145,50 @@ class ProjectIn(BaseModel):
     _name = field_validator("name")(a_name)
 
 
-class UserOut(BaseModel):
+class UserOut(Camel):
     id: str
     email: str
-    friendlyName: str
+    friendly_name: str
     subject: str
-    role: str
-    tenantId: str
-    createdAt: str
-    updatedAt: str
+    role: str = Field(description="The user's role in `tenantId`.")
+    tenant_id: str = Field(description="The tenant this view is of (the caller's).")
+    created_at: Timestamp
+    updated_at: Timestamp
+
+    @classmethod
+    def of(cls, user: UserRow, role: str, tenant_id: str) -> Self:
+        return cls.from_row(user, role=role, tenant_id=tenant_id)
 
 
-class TokensOut(BaseModel):
-    token: str
-    refreshToken: str
-    expiresAt: str
+class TokensOut(Camel):
+    token: str = Field(description="The access token (a JWT): send it as Bearer.")
+    refresh_token: str
+    expires_at: Timestamp = Field(description="When the access token expires.")
+
+    @classmethod
+    def issue(cls, state: AppState, user: UserRow, tenant_id: str) -> Self:
+        tokens = state.tokens
+        return cls(
+            token=tokens.issue(user.id, tenant_id, user.token_version, "access"),
+            refresh_token=tokens.issue(user.id, tenant_id, user.token_version, "refresh"),
+            expires_at=tokens.expiry("access"),
+        )
 
 
 class LoginOut(TokensOut):
-    tokenType: str
-    tenantId: str
+    token_type: Literal["bearer"] = "bearer"
+    tenant_id: str
     user: UserOut
 
+    @classmethod
+    def of(cls, tokens: TokensOut, user: UserRow, role: str, tenant_id: str) -> Self:
+        return cls(**dict(tokens), tenant_id=tenant_id, user=UserOut.of(user, role, tenant_id))
 
-class ProjectOut(BaseModel):
+
+class ProjectOut(Camel):
     id: str
     name: str
-    role: str | None
-
-
-def user_json(user: UserRow, role: str, tenant_id: str) -> dict[str, Any]:
-    return {
-        "id": user.id,
-        "email": user.email,
-        "friendlyName": user.friendly_name,
-        "subject": user.subject,
-        "role": role,
-        "tenantId": tenant_id,
-        "createdAt": rfc3339(user.created_at),
-        "updatedAt": rfc3339(user.updated_at),
-    }
-
-
-def issue_tokens(state: AppState, user: UserRow, tenant_id: str) -> dict[str, Any]:
-    return {
-        "token": state.tokens.issue(user.id, tenant_id, user.token_version, "access"),
-        "refreshToken": state.tokens.issue(user.id, tenant_id, user.token_version, "refresh"),
-        "expiresAt": rfc3339(state.tokens.expiry("access")),
-    }
+    role: str | None = Field(description="The caller's role in it (null for an API key).")
 
 
 def email_taken(email: str) -> APIError:
@@ -320,7 +316,7 @@ def list_users(
     principal: PrincipalDep,
     limit: str | None = None,
     cursor: str | None = _CURSOR,
-) -> list[dict[str, Any]]:
+) -> list[UserOut]:
     before: datetime | None = parse_cursor(cursor)
     query = (
         select(UserRow, MembershipRow)
@@ -332,7 +328,7 @@ def list_users(
     query = query.order_by(col(UserRow.created_at).desc(), col(UserRow.id).desc())
     with state.db.session() as session:
         rows = session.exec(query.limit(page_limit(limit))).all()
-    return [user_json(user, member.role, principal.tenant_id) for user, member in rows]
+    return [UserOut.of(user, member.role, principal.tenant_id) for user, member in rows]
 
 
 @router.post(
@@ -341,26 +337,24 @@ def list_users(
     response_model=UserOut,
     summary="Creates a new user in the caller's tenant.",
 )
-def create_user(body: UserIn, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+def create_user(body: UserIn, state: StateDep, principal: PrincipalDep) -> UserOut:
     _may_grant(_ceiling(state, principal), principal, body.role)
     password_hash = hash_password(body.password)
     with state.db.session() as session:
         user = add_user(session, principal.tenant_id, body, password_hash, body.role)
         commit_user(session, body.email)
-        return user_json(user, body.role, principal.tenant_id)
+        return UserOut.of(user, body.role, principal.tenant_id)
 
 
 @router.get("/users/{id}", response_model=UserOut, summary="Retrieves a user by their unique ID.")
-def get_user(id: str, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
+def get_user(id: str, state: StateDep, principal: PrincipalDep) -> UserOut:
     with state.db.session() as session:
         user, member = _member(session, principal.tenant_id, id)
-    return user_json(user, member.role, principal.tenant_id)
+    return UserOut.of(user, member.role, principal.tenant_id)
 
 
 @router.put("/users/{id}", response_model=UserOut, summary="Updates a user's mutable fields.")
-def update_user(
-    id: str, body: UserUpdateIn, state: StateDep, principal: PrincipalDep
-) -> dict[str, Any]:
+def update_user(id: str, body: UserUpdateIn, state: StateDep, principal: PrincipalDep) -> UserOut:
     ceiling = _ceiling(state, principal)
     if body.role is not None:
         _may_grant(ceiling, principal, body.role)
@@ -383,7 +377,7 @@ def update_user(
             member.role = body.role
             session.add(member)
         update_profile(session, user, body, new_hash)
-        return user_json(user, member.role, principal.tenant_id)
+        return UserOut.of(user, member.role, principal.tenant_id)
 
 
 @router.delete(

@@ -4,6 +4,7 @@ import asyncio
 import json
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
@@ -32,15 +33,26 @@ from core.models import RawEventRow, as_utc, new_id, rfc3339, utcnow
 # --- raw events ------------------------------------------------------------------------------
 
 
+class RawEvent(BaseModel):
+    """seed 003 eventstore.RawEvent: a payload received on /ingest, as kept."""
+
+    id: str
+    nid: int
+    path: str
+    headers: dict[str, Any]
+    payload: Any
+    received_at: str
+
+
 def raw_json(row: RawEventRow) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "nid": row.nid,
-        "path": row.path,
-        "headers": row.headers or {},
-        "payload": row.payload,
-        "received_at": rfc3339(row.received_at),
-    }
+    return RawEvent(
+        id=row.id,
+        nid=int(row.nid or 0),
+        path=row.path,
+        headers=row.headers or {},
+        payload=row.payload,
+        received_at=rfc3339(row.received_at),
+    ).model_dump(mode="json")
 
 
 def clean_headers(headers: dict[str, Any]) -> dict[str, str]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import BigInteger, Connection, DateTime, insert, literal, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col
@@ -226,35 +227,50 @@ def event_values(
     }
 
 
+class Event(BaseModel):
+    """seed 003 eventstore.Event as stored: the one description of an event, for API bodies,
+    the stream's `data`, and what a trigger's function receives."""
+
+    id: str
+    nid: int
+    event_type: str
+    event_source: str
+    aggregate_type: str
+    aggregate_id: str
+    version: int
+    data: Any
+    metadata: dict[str, Any]
+    created_at: str
+
+    @classmethod
+    def of(cls, values: dict[str, Any], nid: int) -> "Event":
+        """The event a row's column values make (`metadata` under its column name too)."""
+        return cls(
+            id=values["id"],
+            nid=nid,
+            event_type=values["event_type"],
+            event_source=values["event_source"],
+            aggregate_type=values["aggregate_type"],
+            aggregate_id=values["aggregate_id"],
+            version=values["version"],
+            data=values["data"] if values["data"] is not None else {},
+            metadata=values["metadata"] if values["metadata"] is not None else {},
+            created_at=rfc3339(values["created_at"]),
+        )
+
+
+_COLUMNS = ("id", "event_type", "event_source", "aggregate_type", "aggregate_id", "version")
+
+
 def event_json(row: EventRow) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "nid": row.nid,
-        "event_type": row.event_type,
-        "event_source": row.event_source,
-        "aggregate_type": row.aggregate_type,
-        "aggregate_id": row.aggregate_id,
-        "version": row.version,
-        "data": row.data if row.data is not None else {},
-        "metadata": row.metadata_ if row.metadata_ is not None else {},
-        "created_at": rfc3339(row.created_at),
-    }
+    values = {name: getattr(row, name) for name in _COLUMNS}
+    values.update(data=row.data, metadata=row.metadata_, created_at=row.created_at)
+    return Event.of(values, int(row.nid or 0)).model_dump(mode="json")
 
 
 def _stored_json(values: dict[str, Any], nid: int) -> dict[str, Any]:
     """What event_json answers for the row these column values made."""
-    return {
-        "id": values["id"],
-        "nid": nid,
-        "event_type": values["event_type"],
-        "event_source": values["event_source"],
-        "aggregate_type": values["aggregate_type"],
-        "aggregate_id": values["aggregate_id"],
-        "version": values["version"],
-        "data": values["data"] if values["data"] is not None else {},
-        "metadata": values["metadata"],
-        "created_at": rfc3339(values["created_at"]),
-    }
+    return Event.of(values, nid).model_dump(mode="json")
 
 
 # --- append ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
 from temporalio.client import Client
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
@@ -57,16 +58,40 @@ class OwedStart:
     attempts: int = 0
 
 
+class Listener(BaseModel):
+    """seed 003 functionstore.Listener."""
+
+    type: str = Field(..., min_length=1, max_length=200, description="The event type.")
+
+
+class Trigger(BaseModel):
+    """seed 003 functionstore.EventTrigger as stored and shown."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str
+    description: str
+    listen_for: Listener = Field(alias="listenFor")
+    type: str
+    function: str
+    created_at: str = Field(alias="createdAt")
+    updated_at: str = Field(alias="updatedAt")
+
+    @classmethod
+    def of(cls, row: EventTriggerRow) -> "Trigger":
+        return cls(
+            name=row.name,
+            description=row.description,
+            listen_for=Listener(type=row.listen_for_type),
+            type=row.type,
+            function=row.function_name,
+            created_at=rfc3339(row.created_at),
+            updated_at=rfc3339(row.updated_at),
+        )
+
+
 def trigger_json(row: EventTriggerRow) -> dict[str, Any]:
-    return {
-        "name": row.name,
-        "description": row.description,
-        "listenFor": {"type": row.listen_for_type},
-        "type": row.type,
-        "function": row.function_name,
-        "createdAt": rfc3339(row.created_at),
-        "updatedAt": rfc3339(row.updated_at),
-    }
+    return Trigger.of(row).model_dump(mode="json", by_alias=True)
 
 
 def trigger_workflow_id(tenant_id: str, function: str, event_id: str, trigger: str) -> str:

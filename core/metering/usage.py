@@ -10,7 +10,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
@@ -94,14 +93,6 @@ class Quota:
     @property
     def exhausted(self) -> bool:
         return bool(self.limit) and self.used >= self.limit
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "used": self.used,
-            "limit": self.limit or None,
-            "remaining": self.remaining,
-            "percentUsed": round(100 * self.used / self.limit, 2) if self.limit else None,
-        }
 
 
 @dataclass
