@@ -5,9 +5,11 @@ it; the API is real uvicorn on a loopback port, so tests speak real HTTP.
 """
 
 import asyncio
+import sys
 import tempfile
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -146,3 +148,21 @@ class Stack:
         self.http.close()
         self.api.stop()
         self.worker.stop()
+
+
+def dev_command(port: int, temporal_port: int, ui_port: int, data_dir: Path) -> list[str]:
+    """`chainloom dev` on the given ports and data directory, as a subprocess argument list."""
+    return [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "dev",
+        "--port",
+        str(port),
+        "--temporal-port",
+        str(temporal_port),
+        "--ui-port",
+        str(ui_port),
+        "--data-dir",
+        str(data_dir),
+    ]

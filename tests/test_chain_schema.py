@@ -2,20 +2,17 @@
 
 import json
 from pathlib import Path
-from typing import Any
 
 import jinja2
 import jsonschema
 import pytest
 
 from chains import schema as chain_schema
-from chains.lint import Problem, lint_chain
 from chains.loader import (
     check_chain,
     load_chain_file,
     parse_chain_text,
 )
-from chains.spec import ChainDefinition
 from chains.templating import (
     TemplateCompileError,
     TemplateError,
@@ -29,54 +26,6 @@ from chains.templating import (
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "chains" / "examples"
 MODELS = {"gpt-4o-mini"}
-
-YAML_CHAIN = """
-id: hello
-description: greet
-tasks:
-  - id: greet
-    handler: prompt_to_string
-    prompt_template: "Say hello to {{ input }}"
-    execute_config:
-      model: gpt-4o-mini
-      models: [gpt-4o, llama3]
-    transition:
-      branches:
-        - operator: default
-          goto: end
-"""
-
-
-def end_branch() -> dict[str, Any]:
-    return {"operator": "default", "goto": "end"}
-
-
-def task(task_id: str, handler: str = "noop", *branches: dict[str, Any], **fields: Any) -> dict:
-    data: dict[str, Any] = {"id": task_id, "handler": handler, **fields}
-    if branches:
-        data.setdefault("transition", {})["branches"] = list(branches)
-    return data
-
-
-def goto(target: str, operator: str = "default", when: str = "") -> dict[str, Any]:
-    return {"operator": operator, "when": when, "goto": target}
-
-
-def make_chain(*tasks: dict[str, Any], **fields: Any) -> ChainDefinition:
-    return ChainDefinition.model_validate({"id": "test", "tasks": list(tasks), **fields})
-
-
-def lint(*tasks: dict[str, Any], **kwargs: Any) -> list[Problem]:
-    return lint_chain(make_chain(*tasks), **kwargs)
-
-
-def errors(problems: list[Problem]) -> list[Problem]:
-    return [p for p in problems if p.severity == "error"]
-
-
-def at(problems: list[Problem], pointer: str) -> list[Problem]:
-    return [p for p in problems if p.pointer == pointer]
-
 
 # --- shipped examples -----------------------------------------------------------------------
 

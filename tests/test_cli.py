@@ -12,7 +12,7 @@ import pytest
 
 from core.devserver import free_port
 from tests.scripted_llm import ScriptedLLM
-from tests.stack import Stack
+from tests.stack import Stack, dev_command
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = ROOT / "chains" / "examples"
@@ -74,20 +74,7 @@ def test_dev_serves_health_ui_and_api_then_stops_on_sigterm(tmp_path: Path) -> N
     port, temporal_port, ui_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CHAINLOOM_API_KEY")}
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cli.main",
-            "dev",
-            "--port",
-            str(port),
-            "--temporal-port",
-            str(temporal_port),
-            "--ui-port",
-            str(ui_port),
-            "--data-dir",
-            str(tmp_path / "data"),
-        ],
+        dev_command(port, temporal_port, ui_port, tmp_path / "data"),
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -36,6 +36,7 @@ import pytest
 
 from core.devserver import free_port
 from tests.scripted_llm import ScriptedLLM
+from tests.stack import dev_command
 
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -271,20 +272,7 @@ def dev(tmp_path_factory: pytest.TempPathFactory, model_server: ScriptedLLM) -> 
     }
     log = (work / "dev.log").open("w")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cli.main",
-            "dev",
-            "--port",
-            str(port),
-            "--temporal-port",
-            str(temporal_port),
-            "--ui-port",
-            str(ui_port),
-            "--data-dir",
-            str(data_dir),
-        ],
+        dev_command(port, temporal_port, ui_port, data_dir),
         cwd=ROOT,
         env=env,
         stdout=log,

@@ -127,16 +127,13 @@ def _me(state: AppState, principal: Principal) -> MeUser | MeKey | MeBootstrap:
     response_model=Me,
     summary="Returns the caller: a user, an API key or the bootstrap key.",
 )
-def get_me(state: StateDep, principal: PrincipalDep) -> MeUser | MeKey | MeBootstrap:
-    return _me(state, principal)
-
-
 @router.get(
     "/ui/me",
     response_model=Me,
     summary="Returns the currently authenticated user (for UI clients).",
+    operation_id="get_ui_me_ui_me_get",
 )
-def get_ui_me(state: StateDep, principal: PrincipalDep) -> MeUser | MeKey | MeBootstrap:
+def get_me(state: StateDep, principal: PrincipalDep) -> MeUser | MeKey | MeBootstrap:
     return _me(state, principal)
 
 

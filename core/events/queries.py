@@ -76,6 +76,16 @@ def _order(value: str | None) -> Literal["asc", "desc"]:
     raise EventError(400, "invalid_order", "order must be asc or desc", param="order")
 
 
+def _find(
+    db: Database, tenant_id: str, start: Any, end: Any, limit: Any, order: str | None, **match: Any
+) -> list[dict[str, Any]]:
+    lo, hi = time_range(start, end)
+    query = EventQuery(
+        tenant_id, start=lo, end=hi, limit=parse_limit(limit), order=_order(order), **match
+    )
+    return find_events(db, query)
+
+
 def events_by_type(
     db: Database,
     tenant_id: str,
@@ -85,16 +95,9 @@ def events_by_type(
     limit: Any = None,
     order: str | None = None,
 ) -> list[dict[str, Any]]:
-    lo, hi = time_range(start, end)
-    query = EventQuery(
-        tenant_id,
-        event_type=required(event_type, "event_type"),
-        start=lo,
-        end=hi,
-        limit=parse_limit(limit),
-        order=_order(order),
+    return _find(
+        db, tenant_id, start, end, limit, order, event_type=required(event_type, "event_type")
     )
-    return find_events(db, query)
 
 
 def events_by_source(
@@ -107,17 +110,10 @@ def events_by_source(
     limit: Any = None,
     order: str | None = None,
 ) -> list[dict[str, Any]]:
-    lo, hi = time_range(start, end)
-    query = EventQuery(
-        tenant_id,
-        event_source=required(event_source, "event_source"),
-        event_type=event_type or None,
-        start=lo,
-        end=hi,
-        limit=parse_limit(limit),
-        order=_order(order),
+    source = required(event_source, "event_source")
+    return _find(
+        db, tenant_id, start, end, limit, order, event_source=source, event_type=event_type or None
     )
-    return find_events(db, query)
 
 
 def events_by_aggregate(
@@ -131,18 +127,17 @@ def events_by_aggregate(
     limit: Any = None,
     order: str | None = None,
 ) -> list[dict[str, Any]]:
-    lo, hi = time_range(start, end)
-    query = EventQuery(
+    return _find(
+        db,
         tenant_id,
+        start,
+        end,
+        limit,
+        order,
         aggregate_type=required(aggregate_type, "aggregate_type"),
         aggregate_id=required(aggregate_id, "aggregate_id"),
         event_type=event_type or None,
-        start=lo,
-        end=hi,
-        limit=parse_limit(limit),
-        order=_order(order),
     )
-    return find_events(db, query)
 
 
 def event_types_statement(start: datetime | None, end: datetime | None) -> Any:
