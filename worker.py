@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import jinja2
@@ -44,6 +45,8 @@ PASSTHROUGH = (
     "workflows.values",
     "workflows.chain_store",
     "workflows.chain_tools",
+    "workflows.chain_run",
+    "workflows.payloads",
     "pydantic",
     "pydantic_core",
     "jinja2",
@@ -74,7 +77,10 @@ def build_worker(
     db: Database,
     clients: ProviderClients | None = None,
     task_queue: str | None = None,
+    closing: list[Callable[[], Awaitable[None]]] | None = None,
 ) -> Worker:
+    """The worker with every workflow and activity. `closing` collects what must run once the
+    worker has stopped (writing the last counted model tokens)."""
     secrets = SecretBox.from_settings(settings)
     llm = LLMActivities(
         db,
@@ -87,6 +93,8 @@ def build_worker(
         down_seconds=settings.backend_down_seconds,
         token_quota=settings.token_quota,
     )
+    if closing is not None:
+        closing.append(llm.tokens.close)
     sync = SyncActivities(
         db,
         ProviderClients(10.0, settings.backend_allowlist),
@@ -140,7 +148,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    worker = build_worker(client, settings, db)
+    closing: list[Callable[[], Awaitable[None]]] = []
+    worker = build_worker(client, settings, db, closing=closing)
     # Every worker also sweeps the trigger outbox, so starts owed by an API process that died
     # are made even when no API process is left (core/events/outbox.py).
     triggers = TriggerDispatcher(db, client, settings)
@@ -155,6 +164,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             settings.shutdown_grace,
         )
     await triggers.stop()
+    for close in closing:
+        await close()
     log.info("worker stopped")
     db.dispose()
 

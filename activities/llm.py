@@ -30,7 +30,7 @@ from core.backends.health import Health, group_pairs, load_health, mark_down, ma
 from core.backends.providers import BackendRef, ProviderClients, ProviderError, same_model
 from core.backends.refs import backend_refs
 from core.db import Database
-from core.metering.usage import Quota, record_tokens, token_quota
+from core.metering.usage import Quota, TokenTally, token_quota
 from core.models import utcnow
 from core.secrets import SecretBox
 from workflows.contracts import (
@@ -77,6 +77,8 @@ class LLMActivities:
         token_quota: int = 0,
     ) -> None:
         self._db = db
+        # Tokens counted after each call, written off the call's path (worker.py closes it).
+        self.tokens = TokenTally(db)
         self._token_quota_default = token_quota
         # Per tenant: (when read, this month's tokens against the quota), kept like the views.
         self._quotas: dict[str, tuple[float, Quota]] = {}
@@ -103,7 +105,7 @@ class LLMActivities:
             )
             cached = (time.monotonic(), quota)
             self._quotas[tenant_id] = cached
-        quota = cached[1]
+        quota = cached[1].plus(self.tokens.pending(tenant_id))
         if quota.exhausted:
             raise ApplicationError(
                 f"monthly token quota of {quota.limit} is used up ({quota.used} used); "
@@ -140,18 +142,13 @@ class LLMActivities:
         result, failed = await heartbeating(self._route(req.tenant_id, req.choice, call))
         result.failed_over = failed
         # Only here, after the call succeeded: a failed attempt Temporal retries counts nothing.
-        await self._count_tokens(req.tenant_id, result.input_tokens + result.output_tokens)
+        self._count_tokens(req.tenant_id, result.input_tokens + result.output_tokens)
         return result
 
-    async def _count_tokens(self, tenant_id: str, tokens: int) -> None:
-        """Adds to the tenant's monthly token usage (core/metering); never fails the call."""
-        if tokens <= 0:
-            return
-        try:
-            await asyncio.to_thread(record_tokens, self._db, tenant_id, tokens)
-        except Exception:
-            # The answer is already paid for; losing the count beats failing the chain.
-            activity.logger.exception("could not record %d tokens for %s", tokens, tenant_id)
+    def _count_tokens(self, tenant_id: str, tokens: int) -> None:
+        """Adds to the tenant's monthly token usage (core/metering) without waiting on the
+        database; never fails the call."""
+        self.tokens.add(tenant_id, tokens)
 
     @activity.defn(name=LLM_EMBED)
     async def embed(self, req: EmbedRequest) -> EmbedResult:
@@ -163,7 +160,7 @@ class LLMActivities:
 
         result, failed = await heartbeating(self._route(req.tenant_id, req.choice, call))
         result.failed_over = failed
-        await self._count_tokens(req.tenant_id, result.tokens)
+        self._count_tokens(req.tenant_id, result.tokens)
         return result
 
     def _load_view(self, tenant_id: str) -> _TenantView:

@@ -44,6 +44,7 @@ from core.config import Settings
 from core.db import Database
 from core.devserver import free_port, start_dev_server, stop_process
 from core.models import BackendRow
+from core.temporal import connect
 from tests.scripted_llm import ScriptedLLM
 from worker import build_worker
 from workflows.types import ChainRunInput
@@ -148,7 +149,10 @@ def deterministic_chain(steps: int) -> dict[str, Any]:
 
 @dataclass
 class BenchEnv:
+    # The baseline's client is the SDK's default; chainloom's is what `chainloom api` and
+    # `chainloom worker` connect with (core.temporal.connect: its payload converter).
     client: Client
+    chain_client: Client
     llm: ScriptedLLM
     chain_queue: str
     baseline_queue: str
@@ -171,7 +175,7 @@ class BenchEnv:
     async def chain(self, chain: dict[str, Any], input_: str = "go") -> float:
         """One ChainWorkflow run, start to result, in seconds."""
         started = time.perf_counter()
-        result = await self.client.execute_workflow(
+        result = await self.chain_client.execute_workflow(
             "ChainWorkflow",
             ChainRunInput(chain=chain, input=input_),
             id=f"bench-chain-{uuid.uuid4().hex}",
@@ -218,8 +222,9 @@ async def bench_env(workdir: Path) -> AsyncIterator[BenchEnv]:
             CHAINLOOM_BACKEND_ALLOWLIST="127.0.0.1",  # the scripted LLM
         )
         client = await Client.connect(settings.temporal_address)
+        chain_client = await connect(settings)
         baseline_queue = "bench-base-" + uuid.uuid4().hex[:8]
-        chain_worker = build_worker(client, settings, db)
+        chain_worker = build_worker(chain_client, settings, db)
         baseline_worker = Worker(
             client,
             task_queue=baseline_queue,
@@ -227,7 +232,7 @@ async def bench_env(workdir: Path) -> AsyncIterator[BenchEnv]:
             activities=[baseline_activities.chat],
         )
         async with chain_worker, baseline_worker:
-            yield BenchEnv(client, llm, settings.task_queue, baseline_queue)
+            yield BenchEnv(client, chain_client, llm, settings.task_queue, baseline_queue)
     finally:
         await baseline_activities.close()
         db.dispose()

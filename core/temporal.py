@@ -13,6 +13,7 @@ from temporalio.service import RPCError
 
 from core.config import Settings
 from workflows.contracts import ALL_SEARCH_ATTRIBUTES
+from workflows.payloads import data_converter
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ async def connect(settings: Settings) -> Client:
             namespace=settings.temporal_namespace,
             tls=settings.temporal_tls,
             api_key=settings.temporal_api_key or None,
+            data_converter=data_converter(),
         )
 
 

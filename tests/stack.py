@@ -50,10 +50,13 @@ class WorkerThread:
         db = Database(self.settings.resolved_database_url())
         try:
             client = await connect(self.settings)
-            worker = build_worker(client, self.settings, db)
+            closing: list[Any] = []
+            worker = build_worker(client, self.settings, db, closing=closing)
             async with worker:
                 self._ready.set()
                 await self._stop.wait()
+            for close in closing:
+                await close()
         except BaseException as err:  # surfaced to the starting test
             self._error = err
             self._ready.set()

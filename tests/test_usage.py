@@ -279,8 +279,14 @@ def test_token_count_never_fails_the_call() -> None:
             raise RuntimeError("database is down")
 
     acts = LLMActivities(BrokenDatabase(), ProviderClients())  # type: ignore[arg-type]
-    asyncio.run(acts._count_tokens("tenant", 12))  # logs, and does not raise
-    asyncio.run(acts._count_tokens("tenant", 0))
+
+    async def count() -> None:
+        acts._count_tokens("tenant", 12)
+        acts._count_tokens("tenant", 0)
+        await acts.tokens.close()  # the write fails: logged, and the count is kept
+
+    asyncio.run(count())
+    assert acts.tokens.pending("tenant") == 12
 
 
 def test_embedding_tokens_count_too(
