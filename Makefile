@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint fmt bench fuzz histories clean
+.PHONY: dev test lint fmt bench soak fuzz histories clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest -q -m bench -p no:randomly benchmarks tests -o addopts="" --benchmark-disable-gc
+	$(BIN)/python -m pytest -q -m "bench or soak" -p no:randomly benchmarks tests -o addopts="" --benchmark-disable-gc
+
+# The recovery soak alone: 8 runs x 6 steps, the worker SIGKILLed 6 times; prints the table.
+soak: $(STAMP)
+	$(BIN)/python -m pytest -q -m soak -p no:randomly tests/test_recovery_soak.py -o addopts="" -s
 
 # Schemathesis over every route of the OpenAPI document, on SQLite and PostgreSQL by default
 # (FUZZ_ARGS="--database sqlite" for SQLite only; FUZZ_EXAMPLES per operation). Exit 1 on any

@@ -17,6 +17,7 @@ from benchmarks.recovery import soak
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_runs_survive_six_worker_kills_and_move_again_in_seconds(
     temporal_address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
