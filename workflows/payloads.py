@@ -1,7 +1,7 @@
 """The payload converter chainloom's clients and workers use: Temporal's default JSON, made
 cheaper for the dataclasses that cross the workflow/activity boundary.
 
-Measured (docs/benchmarks.md, "Where the LLM-step overhead goes"): the SDK's converter calls
+Measured (docs/benchmarks.md, "Where the LLM-step overhead went"): the SDK's converter calls
 `typing.get_type_hints` on every dataclass it decodes (about 0.3 ms each inside the workflow
 sandbox) and `dataclasses.asdict` (a deep copy of every chat message) on every one it
 encodes, several times per chain step. This one reads a class's field types once and encodes
