@@ -280,3 +280,36 @@ def test_a_refused_body_is_not_read_to_its_end(chainloom_api: str) -> None:
     # What the client got out before the answer: socket buffers' worth, not the body.
     assert sent_declared < total / 4, sent_declared
     assert pulled[0] < total / 4, pulled[0]
+
+
+# --------------------------------------------------------------------------- strict JSON
+
+
+def test_nan_and_infinity_are_invalid_json_everywhere(stack: Stack) -> None:
+    """Python's json takes NaN and Infinity; PostgreSQL's JSON does not: a 422, on both."""
+    for path, body in (
+        ("/events", '{"event_type": "nan.test", "data": {"v": NaN}}'),
+        ("/events", '{"event_type": "inf.test", "data": {"v": -Infinity}}'),
+        (
+            "/tasks",
+            '{"chain": {"id": "n", "tasks": [{"id": "a", "handler": "noop"}]}, '
+            '"input": {"x": Infinity}}',
+        ),
+    ):
+        resp = stack.http.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert_error(resp, 422, "validation_error")
+    ok = stack.http.post("/events", json={"event_type": "nan.test", "data": {"v": 1.5}})
+    assert ok.status_code == 201, ok.text
+
+
+def test_every_route_parses_json_strictly() -> None:
+    from fastapi.routing import APIRoute
+
+    from api.main import create_app
+    from api.strict_json import StrictJSONRoute
+
+    app = create_app(Stack.settings_for("127.0.0.1:1", "sqlite://"))
+    loose = [
+        r.path for r in app.routes if isinstance(r, APIRoute) and not isinstance(r, StrictJSONRoute)
+    ]
+    assert loose == []

@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Literal, Self
 
-from fastapi import APIRouter, Query
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -25,10 +25,11 @@ from api.deps import (
 )
 from api.errors import APIError
 from api.schemas import Camel, Timestamp
+from api.strict_json import json_router
 from core.identity.permissions import LEVELS, RANK, RESOURCE_TYPES
 from core.models import AccessEntryRow, ApiKeyRow, MembershipRow, UserRow, utcnow
 
-router = APIRouter(tags=["access-control"])
+router = json_router(tags=["access-control"])
 
 _TYPES = sorted(RESOURCE_TYPES)
 

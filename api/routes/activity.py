@@ -8,7 +8,7 @@ import asyncio
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import Query
 from pydantic import Field, field_validator
 from sqlalchemy import func
 from sqlmodel import col, select
@@ -18,11 +18,12 @@ from api.errors import APIError, not_found
 from api.run_models import CapturedStateUnit, RunStatus
 from api.run_service import get_run_row, run_view
 from api.schemas import Camel, Timestamp
+from api.strict_json import json_router
 from core.backends.providers import public_error
 from core.metering.request_log import MUTATING
 from core.models import BackendRow, BackendStateRow, RequestLogRow
 
-router = APIRouter(tags=["activity"])
+router = json_router(tags=["activity"])
 
 _CURSOR = Query(None, description="The `at` (RFC 3339) of the last item seen.")
 

@@ -6,7 +6,7 @@ gone never shows up, even before `remove_memberships` has cleaned it away.
 a cycle) and re-exported here.
 """
 
-from fastapi import APIRouter, Response
+from fastapi import Response
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -15,12 +15,13 @@ from api.errors import APIError
 from api.routes.backends import BackendOut
 from api.routes.groups import GroupOut, load_group, remove_memberships
 from api.routes.models import ModelOut
+from api.strict_json import json_router
 from core.backends.keys import provider_bindings
 from core.models import AffinityGroupRow, BackendRow, GroupBackendRow, GroupModelRow, ModelRow
 
 __all__ = ["remove_memberships", "router"]
 
-router = APIRouter(tags=["affinity"])
+router = json_router(tags=["affinity"])
 
 
 def _backend(session: Session, tenant_id: str, backend_id: str) -> BackendRow:

@@ -6,7 +6,7 @@ row on every request, so a revocation locks the key out on its very next request
 
 from datetime import UTC, datetime, timedelta
 
-from fastapi import APIRouter, Query
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlmodel import Session
 
@@ -14,11 +14,12 @@ from api.deps import Principal, PrincipalDep, StateDep, levels_everywhere, owned
 from api.errors import APIError
 from api.fields import a_name
 from api.schemas import Camel, Timestamp
+from api.strict_json import json_router
 from core.identity.credentials import new_api_key
 from core.identity.permissions import RANK, RESOURCE_TYPES, SCOPE_LEVELS, valid_scope
 from core.models import ApiKeyRow, utcnow
 
-router = APIRouter(tags=["api-keys"])
+router = json_router(tags=["api-keys"])
 
 _CURSOR = Query(None, description="RFC3339Nano createdAt of the last item.")
 

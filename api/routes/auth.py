@@ -5,7 +5,7 @@ variants. Every route here is public and limited per client address.
 import asyncio
 from datetime import datetime, timedelta
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import Depends, Request, Response
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
@@ -31,6 +31,7 @@ from api.routes.users import (
     add_user,
     commit_user,
 )
+from api.strict_json import json_router
 from core.identity.credentials import (
     TokenClaims,
     TokenError,
@@ -46,7 +47,7 @@ from core.models import (
     utcnow,
 )
 
-public_router = APIRouter(tags=["users"])
+public_router = json_router(tags=["users"])
 
 REFRESH_COOKIE = "chainloom_refresh"
 REFRESH_PATH = "/ui/token_refresh"

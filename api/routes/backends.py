@@ -11,7 +11,7 @@ import logging
 from typing import Any, Literal, Self
 from urllib.parse import urlparse
 
-from fastapi import APIRouter, Query, Request
+from fastapi import Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from temporalio.service import RPCError
@@ -21,6 +21,7 @@ from api.errors import APIError
 from api.routes.groups import remove_memberships
 from api.routes.providers import BoxDep
 from api.schemas import Camel, Timestamp
+from api.strict_json import json_router
 from core.backends.downloads import cancel_downloads
 from core.backends.keys import KEYED_TYPES, provider_bindings, provider_keys
 from core.backends.providers import ProviderClients, ProviderError, public_error
@@ -28,7 +29,7 @@ from core.backends.refs import approval_target, key_at_stake, key_grant, to_ref
 from core.metering.request_log import note_change
 from core.models import BackendRow, BackendStateRow, utcnow
 
-router = APIRouter(tags=["backends"])
+router = json_router(tags=["backends"])
 log = logging.getLogger(__name__)
 
 

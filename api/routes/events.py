@@ -11,19 +11,20 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi import Body, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import PrincipalDep, StateDep
 from api.errors import APIError
 from api.schemas import event_stream
+from api.strict_json import json_router
 from core.events import dispatch, mappings, queries, raw, store
 from core.events.mappings import MappingConfig
 from core.events.raw import RawEvent
 from core.events.store import Event, EventError
 
-router = APIRouter(tags=["events"])
+router = json_router(tags=["events"])
 
 _FROM = Query(None, alias="from", description="Start time in RFC3339 format (inclusive).")
 _TO = Query(None, alias="to", description="End time in RFC3339 format (inclusive).")

@@ -7,7 +7,7 @@ A script is parsed in the JS sandbox when it is created or updated, so a syntax 
 import asyncio
 import re
 
-from fastapi import APIRouter, Query
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
@@ -15,11 +15,12 @@ from sqlmodel import select
 from api.deps import PrincipalDep, StateDep, tenant_page
 from api.errors import APIError, not_found
 from api.schemas import Camel, Timestamp
+from api.strict_json import json_router
 from core.config import Settings
 from core.models import EventTriggerRow, FunctionRow, utcnow
 from core.sandbox.pool import JSError, runner_for
 
-router = APIRouter(tags=["functions"])
+router = json_router(tags=["functions"])
 
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 # Every name contenox gives a script: they all run as JavaScript here.

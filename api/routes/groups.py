@@ -1,6 +1,6 @@
 """/groups: affinity groups that pair backends with models for routing (seed 003)."""
 
-from fastapi import APIRouter, Query
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
@@ -8,9 +8,10 @@ from sqlmodel import Session, col, delete, select
 from api.deps import PrincipalDep, StateDep, owned, tenant_page
 from api.errors import APIError, not_found
 from api.schemas import Camel, Timestamp
+from api.strict_json import json_router
 from core.models import AffinityGroupRow, GroupBackendRow, GroupModelRow, utcnow
 
-router = APIRouter(tags=["groups"])
+router = json_router(tags=["groups"])
 
 _CURSOR = Query(None, description="RFC3339Nano createdAt of the last item.")
 

@@ -11,13 +11,14 @@ import asyncio
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from api.deps import PrincipalDep, StateDep, manages, page_limit, parse_cursor
 from api.errors import APIError, not_found
 from api.routes.providers import BoxDep
 from api.schemas import Camel, Timestamp, absent_when_none
+from api.strict_json import json_router
 from core.hooks.openapi import SchemaCache, SchemaError
 from core.hooks.store import (
     LOCAL_HOOKS,
@@ -39,7 +40,7 @@ from core.metering.request_log import note_change
 from core.models import RemoteHookRow, utcnow
 from core.secrets import SecretBox, mask
 
-router = APIRouter(tags=["hooks"])
+router = json_router(tags=["hooks"])
 
 # Headers the HTTP layer or chainloom itself sets; a hook must not override them.
 _FORBIDDEN_HEADERS = frozenset(

@@ -4,7 +4,6 @@ to, as seed 002 calls them).
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter
 from pydantic import Field
 from sqlmodel import Session, col, select
 
@@ -26,6 +25,7 @@ from api.routes.users import (
     verify_current_password,
 )
 from api.schemas import Camel, Timestamp, absent_when_none
+from api.strict_json import json_router
 from core.identity.credentials import (
     hash_password,
 )
@@ -36,7 +36,7 @@ from core.models import (
     UserRow,
 )
 
-router = APIRouter(tags=["users"])
+router = json_router(tags=["users"])
 
 
 class MeUser(UserOut):

@@ -1,7 +1,7 @@
 """/models: models declared to the system (seed 003)."""
 
 import anyio
-from fastapi import APIRouter, Query
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 
@@ -10,9 +10,10 @@ from api.errors import APIError
 from api.routes.groups import remove_memberships
 from api.routes.queue import purge_model_downloads, queue_declared_model
 from api.schemas import Camel, Timestamp
+from api.strict_json import json_router
 from core.models import ModelRow, utcnow
 
-router = APIRouter(tags=["models"])
+router = json_router(tags=["models"])
 
 
 class ModelIn(BaseModel):

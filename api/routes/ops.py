@@ -15,7 +15,7 @@ from typing import Any, Literal, cast
 
 import httpx
 import psutil
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import text
 from sqlmodel import col, func, select
@@ -28,11 +28,12 @@ from api.deps import AppState, StateDep
 from api.errors import APIError, not_found
 from api.fields import plain_text
 from api.schemas import Camel, Timestamp, absent_when_none
+from api.strict_json import json_router
 from core.models import UserRow, utcnow
 
-public_router = APIRouter(tags=["operations"])
+public_router = json_router(tags=["operations"])
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["operations"])
+router = json_router(tags=["operations"])
 
 _MB = 1024 * 1024
 

@@ -13,12 +13,13 @@ import threading
 from typing import Annotated, Self
 from urllib.parse import urlparse
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import Depends, Path, Query, Request, Response
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import PrincipalDep, StateDep, page_limit, parse_cursor
 from api.errors import APIError, not_found
 from api.schemas import Camel, Timestamp
+from api.strict_json import json_router
 from core.backends.keys import (
     DEFAULT_BASE_URLS,
     PROVIDER_TYPES,
@@ -34,7 +35,7 @@ from core.metering.request_log import note_change
 from core.models import ProviderConfigRow
 from core.secrets import SecretBox
 
-router = APIRouter(tags=["providers"])
+router = json_router(tags=["providers"])
 
 # SecretBox.from_settings may generate the key file: two first requests at once must not each
 # write a different key (data encrypted with the loser's key would be unreadable).

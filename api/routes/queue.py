@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any, Literal, Self
 
-from fastapi import APIRouter, Query, Request
+from fastapi import Query, Request
 from pydantic import BaseModel, Field
 from sqlmodel import col, select
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -24,6 +24,7 @@ from temporalio.service import RPCError
 from api.deps import AppState, PrincipalDep, StateDep
 from api.errors import APIError, not_found
 from api.schemas import Camel, absent_when_none, event_stream
+from api.strict_json import json_router
 from core.backends.downloads import (
     BackendQueue,
     cancel_downloads,
@@ -37,7 +38,7 @@ from core.models import BackendRow, GroupBackendRow
 from workflows.download_types import DownloadOptions
 
 log = logging.getLogger("chainloom.api.queue")
-router = APIRouter(tags=["queue"])
+router = json_router(tags=["queue"])
 # How long POST /queue waits for a worker to answer the queue query after queueing.
 READ_BACK_SECONDS = 15.0
 

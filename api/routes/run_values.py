@@ -4,15 +4,14 @@ Temporal history, for views that show it as a link (docs/chains.md, "Long and la
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter
-
 from api.deps import PrincipalDep, StateDep
 from api.errors import not_found
 from api.run_service import get_run_row
+from api.strict_json import json_router
 from core.runstate import records
 from workflows import values
 
-router = APIRouter(tags=["runs"])
+router = json_router(tags=["runs"])
 
 
 @router.get("/runs/{id}/values/{seq}", summary="A stored value of a run, read back in full.")

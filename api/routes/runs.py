@@ -4,7 +4,7 @@ import asyncio
 from datetime import timedelta
 from typing import Any, Literal
 
-from fastapi import APIRouter, Body, Query, Response
+from fastapi import Body, Query, Response
 from fastapi.responses import JSONResponse
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.service import RPCError
@@ -37,9 +37,10 @@ from api.run_service import (
     start_run,
     whole_run,
 )
+from api.strict_json import json_router
 from workflows.types import ApprovalDecision
 
-router = APIRouter(tags=["runs"])
+router = json_router(tags=["runs"])
 
 NEXT_CURSOR = "X-Next-Cursor"
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {

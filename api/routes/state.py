@@ -6,17 +6,17 @@ A backend's error is shown in full to callers with manage on backends; everyone 
 
 from datetime import datetime
 
-from fastapi import APIRouter
 from pydantic import Field
 from sqlmodel import col, select
 
 from api.deps import PrincipalDep, StateDep, manages
 from api.routes.backends import BackendOut, PulledModel, shown_error
 from api.schemas import Camel, Timestamp
+from api.strict_json import json_router
 from core.backends.keys import provider_bindings
 from core.models import BackendRow, BackendStateRow, as_utc, utcnow
 
-router = APIRouter(tags=["state"])
+router = json_router(tags=["state"])
 
 
 class BackendRuntimeState(Camel):

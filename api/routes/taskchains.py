@@ -7,18 +7,19 @@ before the language grew stricter can still be read, and fixed.
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query
+from fastapi import Body, Query
 from fastapi.responses import JSONResponse
 from pydantic import WithJsonSchema
 
 from api.chain_validation import validate_chain
 from api.deps import PrincipalDep, StateDep, tenant_page
 from api.errors import APIError, not_found
+from api.strict_json import json_router
 from chains.schema import chain_json_schema
 from chains.spec import ChainDefinition
 from core.models import TaskChainRow, utcnow
 
-router = APIRouter(tags=["taskchains"])
+router = json_router(tags=["taskchains"])
 
 _EXAMPLE = {
     "id": "sentiment-router",

@@ -5,7 +5,7 @@ Everyone sees their own tenant; system administrators see, create and change all
 
 import asyncio
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -22,10 +22,11 @@ from api.deps import (
 from api.errors import not_found
 from api.fields import a_name
 from api.schemas import Camel, Timestamp
+from api.strict_json import json_router
 from core.metering.ratelimit import parse_limit
 from core.models import TenantRow, utcnow
 
-router = APIRouter(tags=["tenants"])
+router = json_router(tags=["tenants"])
 
 # Quotas are BIGINT columns.
 _MAX_QUOTA = 2**63 - 1

@@ -5,17 +5,18 @@ Dispatch itself is in core/events/triggers.py; this module only stores the defin
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from api.deps import PrincipalDep, StateDep, tenant_page
 from api.errors import APIError, not_found
+from api.strict_json import json_router
 from core.events.triggers import Listener, Trigger, trigger_json
 from core.models import EventTriggerRow, FunctionRow, utcnow
 
-router = APIRouter(tags=["event-triggers"])
+router = json_router(tags=["event-triggers"])
 
 
 class TriggerIn(BaseModel):

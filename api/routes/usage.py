@@ -3,16 +3,17 @@
 import asyncio
 from typing import Self
 
-from fastapi import APIRouter, Query
+from fastapi import Query
 from pydantic import Field
 
 from api.deps import PrincipalDep, StateDep, identity_counter
 from api.errors import not_found
 from api.schemas import Camel, Timestamp
+from api.strict_json import json_router
 from core.metering.ratelimit import Verdict
 from core.metering.usage import Quota, period_reset, tenant_periods
 
-router = APIRouter(tags=["usage"])
+router = json_router(tags=["usage"])
 
 
 class QuotaOut(Camel):

@@ -11,7 +11,7 @@ import re
 from datetime import datetime
 from typing import Any, Literal, Self
 
-from fastapi import APIRouter, Query
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, func, select
@@ -28,6 +28,7 @@ from api.deps import (
 from api.errors import APIError, not_found
 from api.fields import a_name, plain_text
 from api.schemas import Camel, Timestamp
+from api.strict_json import json_router
 from core.identity.credentials import (
     hash_password,
     password_problem,
@@ -42,7 +43,7 @@ from core.models import (
     utcnow,
 )
 
-router = APIRouter(tags=["users"])
+router = json_router(tags=["users"])
 
 _EMAIL = re.compile(r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s.\x00]+$")
 _CURSOR = Query(None, description="RFC3339Nano createdAt of the last user of the previous page.")
